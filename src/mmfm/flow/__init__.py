@@ -1,0 +1,21 @@
+"""Flow-matching core in the paper's convention (t = 0 source, t = 1 data).
+
+path (linear interpolant, RAE adapter) · time (samplers, shift, grids) · sources (Gaussian, GMM) ·
+couplings (independent, mode, minibatch OT) · loss · solvers (Euler, Heun, midpoint, dopri5) ·
+guidance (autoguidance, CFG).
+"""
+
+from mmfm.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ModeCoupling, make_coupling
+from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
+from mmfm.flow.loss import velocity_loss
+from mmfm.flow.path import LinearPath, RAEConvention
+from mmfm.flow.solvers import ODEResult, solve_ode
+from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
+from mmfm.flow.time import TimeSampler, rae_time_grid, shift_factor, shift_time, time_grid
+
+__all__ = [
+    "Autoguidance", "ClassifierFreeGuidance", "GaussianMixtureSource", "GaussianSource",
+    "IndependentCoupling", "LinearPath", "MinibatchOTCoupling", "ModeCoupling", "ODEResult",
+    "RAEConvention", "TimeSampler", "make_coupling", "rae_time_grid", "shift_factor", "shift_time",
+    "solve_ode", "time_grid", "velocity_loss",
+]

@@ -1,0 +1,209 @@
+"""Source distributions: the standard Gaussian and MM-FM's Gaussian mixture.
+
+A source has an event shape (``(D,)`` for vectors, ``(N, D)`` for token latents, any shape in general)
+and ``sample(n, modes=None, generator=None) -> (x0, modes)``. Samples are drawn in float32 whatever
+the dtype of the stored parameters (design.md §2: the source noise and the ODE state are fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmfm import _checks
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _device_of(generator: torch.Generator | None, device) -> torch.device | str | None:
+    if device is not None:
+        return device
+    return generator.device if generator is not None else None
+
+
+class GaussianSource:
+    """``N(0, I)`` over an event shape; it has no modes, so ``sample`` returns ``modes=None``."""
+
+    def __init__(self, event_shape: tuple[int, ...] | list[int]):
+        event_shape = tuple(int(s) for s in event_shape)
+        if not event_shape or any(s <= 0 for s in event_shape):
+            raise ValueError(f"event_shape: expected a non-empty tuple of positive sizes, got {event_shape}")
+        self.event_shape = event_shape
+        self.dim = math.prod(event_shape)
+
+    def sample(
+        self,
+        n: int,
+        modes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device=None,
+    ) -> tuple[torch.Tensor, None]:
+        if modes is not None:
+            raise ValueError("modes: a Gaussian source has no modes; pass modes=None")
+        _check_n(n)
+        x0 = torch.randn((n, *self.event_shape), generator=generator, device=_device_of(generator, device))
+        return x0, None
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log N(x; 0, I)`` summed over the event, shape ``(B,)``."""
+        x = _checks.tensor("x", x)
+        _check_event("x", x, self.event_shape)
+        flat = x.reshape(x.shape[0], -1)
+        return -0.5 * (self.dim * LOG_2PI + (flat * flat).sum(1))
+
+
+class GaussianMixtureSource:
+    """``p(x) = sum_k pi_k N(x; mu_k, Sigma_k)`` with spherical or diagonal ``Sigma_k``.
+
+    Args:
+        weights: ``(K,)`` mixing proportions, summing to one.
+        means: ``(K, *event_shape)``, e.g. ``(K, D)`` for CLS tokens or ``(K, N, D)`` for token latents.
+        variances: ``(K,)`` for spherical ``sigma_k^2 I`` (MM-FM's spatial GMM) or the means' shape for
+            diagonal covariances (the CLS GMM).
+
+    The log-density and the posterior never materialize ``B x K x D``: with ``P_k = 1 / sigma_k^2``,
+    ``sum_d (x_d - mu_kd)^2 P_kd = x^2 . P_k - 2 x . (mu_k P_k) + mu_k^2 . P_k`` are matrix products.
+    Data and means are first centred on ``c = sum_k pi_k mu_k`` (every term is shift-invariant), which
+    keeps the expansion accurate in float32 when the mixture sits far from the origin.
+    """
+
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, variances: torch.Tensor):
+        weights = _checks.tensor("weights", weights, ndim=1)
+        _checks.probability_vector("weights", weights)
+        means = _checks.tensor("means", means, min_ndim=2)
+        variances = _checks.tensor("variances", variances, min_ndim=1)
+        k = weights.shape[0]
+        if means.shape[0] != k:
+            raise ValueError(f"means: expected {k} modes (the length of weights), got shape {tuple(means.shape)}")
+        if variances.shape == (k,):
+            self.covariance = "spherical"
+        elif variances.shape == means.shape:
+            self.covariance = "diag"
+        else:
+            raise ValueError(
+                f"variances: expected shape ({k},) (spherical) or {tuple(means.shape)} (diag, like means), "
+                f"got {tuple(variances.shape)}"
+            )
+        _checks.positive("variances", variances)
+        self.weights, self.means, self.variances = weights, means, variances
+        self.event_shape = tuple(means.shape[1:])
+        self.dim = math.prod(self.event_shape)
+        self._gemm = None  # cached (centre, P, mu*P, constants) for log-density
+
+    @property
+    def num_modes(self) -> int:
+        return self.weights.shape[0]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "GaussianMixtureSource":
+        """A copy on another device / dtype (``dtype`` applies to means and variances)."""
+        return GaussianMixtureSource(
+            self.weights.to(device=device),
+            self.means.to(device=device, dtype=dtype),
+            self.variances.to(device=device, dtype=dtype),
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # sampling
+    def sample_modes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``k_i ~ Categorical(pi)``, shape ``(n,)`` int64, on the generator's (or the weights') device."""
+        _check_n(n)
+        w = self.weights.to(device=generator.device) if generator is not None else self.weights
+        if n == 0:
+            return torch.zeros(0, dtype=torch.long, device=w.device)
+        return torch.multinomial(w.float(), n, replacement=True, generator=generator)
+
+    def sample(
+        self,
+        n: int,
+        modes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        device=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x0 = mu_k + sigma_k * eps`` with ``eps ~ N(0, I)`` in float32; returns ``(x0, modes)``.
+
+        ``modes`` (``(n,)`` integers in ``[0, K)``) fixes each sample's mode (mode coupling, or modes
+        chosen by the user); otherwise modes are drawn from the weights.
+        """
+        _check_n(n)
+        if modes is None:
+            modes = self.sample_modes(n, generator)
+        else:
+            _checks.labels("modes", modes, self.num_modes, batch=n)
+        dev = _device_of(generator, device) or self.means.device
+        eps = torch.randn((n, *self.event_shape), generator=generator, device=dev)
+        idx = modes.to(self.means.device)
+        mean = self.means[idx].to(device=dev, dtype=torch.float32)
+        std = self.variances[idx].to(device=dev, dtype=torch.float32).sqrt()
+        if self.covariance == "spherical":
+            std = std.reshape(n, *([1] * len(self.event_shape)))
+        return mean + std * eps, modes.to(dev)
+
+    # ----------------------------------------------------------------------------------------------
+    # density
+    def _gemm_terms(self, device, dtype):
+        """Per device/dtype: centre ``c``, ``P``, ``(mu - c) P``, ``(mu - c)^2 . P`` and ``log pi - log Z``."""
+        if self._gemm is not None and self._gemm[0].device == torch.device(device) and self._gemm[0].dtype == dtype:
+            return self._gemm
+        k = self.num_modes
+        w = self.weights.to(device=device, dtype=torch.float64)
+        mu = self.means.to(device=device, dtype=torch.float64).reshape(k, -1)
+        var = self.variances.to(device=device, dtype=torch.float64).reshape(k, -1)
+        centre = w @ mu  # (D,)
+        mu_c = mu - centre
+        prec = 1.0 / var  # (K, D) or (K, 1)
+        if self.covariance == "spherical":
+            log_det = self.dim * var[:, 0].log()
+            mu_sq = (mu_c * mu_c).sum(1) * prec[:, 0]
+        else:
+            log_det = var.log().sum(1)
+            mu_sq = (mu_c * mu_c * prec).sum(1)
+        const = w.log() - 0.5 * (self.dim * LOG_2PI + log_det)  # (K,)
+        mu_prec = mu_c * prec  # (K, D)
+        self._gemm = tuple(a.to(dtype) for a in (centre, prec, mu_prec, mu_sq, const))
+        return self._gemm
+
+    def log_joint(self, x: torch.Tensor) -> torch.Tensor:
+        """``log pi_k + log N(x_i; mu_k, Sigma_k)``, shape ``(B, K)``, in ``x``'s dtype."""
+        x = _checks.tensor("x", x)
+        _check_event("x", x, self.event_shape)
+        centre, prec, mu_prec, mu_sq, const = self._gemm_terms(x.device, x.dtype)
+        xc = x.reshape(x.shape[0], -1) - centre
+        if self.covariance == "spherical":
+            x_sq = (xc * xc).sum(1, keepdim=True) * prec[:, 0]  # (B, K)
+        else:
+            x_sq = (xc * xc) @ prec.T
+        # Mahalanobis term sum_d (x_d - mu_kd)^2 / var_kd >= 0; the expansion can round just below 0
+        quad = (x_sq - 2.0 * (xc @ mu_prec.T) + mu_sq).clamp_min(0.0)
+        return const - 0.5 * quad
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)``, shape ``(B,)``."""
+        return torch.logsumexp(self.log_joint(x), dim=1)
+
+    def posterior(self, x: torch.Tensor) -> torch.Tensor:
+        """Responsibilities ``r_k(x) = p(k | x)``, shape ``(B, K)``, rows summing to one."""
+        return torch.softmax(self.log_joint(x), dim=1)
+
+    def assign(self, x: torch.Tensor, soft: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Mode of each row: sampled from the posterior (``soft``) or its argmax (hard). ``(B,)`` int64."""
+        logits = self.log_joint(x)
+        if not soft:
+            return logits.argmax(1)
+        probs = torch.softmax(logits.float(), dim=1)
+        if generator is not None and generator.device != probs.device:
+            probs = probs.to(generator.device)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
+
+
+def _check_n(n) -> None:
+    if not (isinstance(n, int) and n >= 0):
+        raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+
+
+def _check_event(name: str, x: torch.Tensor, event_shape: tuple[int, ...]) -> None:
+    if tuple(x.shape[1:]) != event_shape or x.ndim != len(event_shape) + 1:
+        raise ValueError(
+            f"{name}: expected shape (B, {', '.join(map(str, event_shape))}) matching the source, "
+            f"got {tuple(x.shape)}"
+        )

@@ -1,0 +1,227 @@
+"""DiT with the DDT head ("DiTDH", RAE; method.md §2.1), in token layout.
+
+Input and output are token sequences ``(B, N, C)`` over a square ``sqrt(N) x sqrt(N)`` grid (row-major);
+``t`` is ``(B,)`` and ``y`` ``(B,)`` integers for class / mode conditioning. Two streams:
+
+- encoder ("s"): patch embed -> + fixed sin-cos positions -> ``depth`` blocks of width ``hidden_size``
+  conditioned on ``c = SiLU(t_emb [+ y_emb])`` -> ``s = SiLU(t_emb + s)`` -> Linear to the head width;
+- head ("x"): patch embed of the *noisy input* -> ``head_depth`` wide blocks conditioned per token
+  on ``s`` -> final layer (per-token adaLN) -> unpatchify.
+
+Module and parameter names and shapes equal the released RAE / MM-FM checkpoints, so their ``ema``
+state dicts load with ``load_state_dict(strict=True)``; such a network computes RAE's velocity in RAE's
+time convention and is run here through :class:`mmfm.flow.path.RAEConvention`. Their ``(B, C, H, W)``
+layout is converted with :func:`grid_to_tokens` / :func:`tokens_to_grid` at the edge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfm import _checks
+from mmfm.models.layers import (
+    DDTBlock,
+    DDTFinalLayer,
+    GaussianFourierEmbedding,
+    LabelEmbedder,
+    Rope2D,
+    sincos_pos_embed_2d,
+)
+
+CONDITIONINGS = ("none", "class", "mode")
+
+#: Encoder widths / depths / heads of DiT-S/B/L/XL; every preset has the 2048-wide, 2-block, 16-head
+#: DDT head of RAE. ``-demo`` and ``-tiny`` are small models for the offline demo and the tests.
+PRESETS: dict[str, dict] = {
+    "ditdh-s": dict(hidden_size=384, depth=12, num_heads=6),
+    "ditdh-b": dict(hidden_size=768, depth=12, num_heads=12),
+    "ditdh-l": dict(hidden_size=1024, depth=24, num_heads=16),
+    "ditdh-xl": dict(hidden_size=1152, depth=28, num_heads=16),
+    "ditdh-demo": dict(hidden_size=128, depth=4, num_heads=4, head_hidden_size=256, head_depth=1, head_num_heads=4),
+    "ditdh-tiny": dict(hidden_size=32, depth=2, num_heads=2, head_hidden_size=64, head_depth=1, head_num_heads=2),
+}
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)`` (row-major tokens)."""
+    _checks.shape("x", x, (None, None, None, None))
+    return x.flatten(2).transpose(1, 2)
+
+
+def tokens_to_grid(x: torch.Tensor, side: int | None = None) -> torch.Tensor:
+    """``(B, N, C)`` -> ``(B, C, side, side)`` with ``side = sqrt(N)`` unless given."""
+    _checks.shape("x", x, (None, None, None))
+    side = side or math.isqrt(x.shape[1])
+    if side * side != x.shape[1]:
+        raise ValueError(f"x: expected a square number of tokens, got {x.shape[1]}")
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+class PatchEmbed(nn.Module):
+    """``p x p`` patches of the token grid -> one token of width ``dim`` (a Conv2d named ``proj``)."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_size == 1:  # a 1x1 convolution is a linear map of each token
+            return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+        return grid_to_tokens(self.proj(tokens_to_grid(x)))
+
+
+class DiTDH(nn.Module):
+    """DiT encoder + wide DDT head velocity network (see the module docstring).
+
+    Args:
+        in_channels: token width ``C`` of the latent (768 for DINOv2-B).
+        num_tokens: ``N`` tokens of the latent, a perfect square (256 for a 16 x 16 grid).
+        hidden_size, depth, num_heads: the encoder stream.
+        head_hidden_size, head_depth, head_num_heads: the DDT head.
+        patch_size: patch of the token grid (1 in every RAE / MM-FM config).
+        conditioning: ``"none"`` (``c = SiLU(t_emb)``), ``"class"`` or ``"mode"`` (``c = SiLU(t_emb + E[y])``).
+        num_classes: rows of the label table (classes or GMM modes). With ``conditioning="none"`` a
+            table may still be kept (released unconditional checkpoints carry an unused one).
+        class_dropout_prob: label dropout for CFG; > 0 adds the null row ``num_classes``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_tokens: int,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        head_hidden_size: int = 2048,
+        head_depth: int = 2,
+        head_num_heads: int = 16,
+        patch_size: int = 1,
+        mlp_ratio: float = 4.0,
+        conditioning: str = "none",
+        num_classes: int = 0,
+        class_dropout_prob: float = 0.0,
+    ):
+        super().__init__()
+        _checks.choice("conditioning", conditioning, CONDITIONINGS)
+        for name, v in dict(in_channels=in_channels, num_tokens=num_tokens, hidden_size=hidden_size, depth=depth,
+                            num_heads=num_heads, head_hidden_size=head_hidden_size, head_depth=head_depth,
+                            head_num_heads=head_num_heads, patch_size=patch_size).items():
+            if not (isinstance(v, int) and v > 0):
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"num_tokens: expected a perfect square (a square token grid), got {num_tokens}")
+        if side % patch_size:
+            raise ValueError(f"patch_size: {patch_size} does not divide the grid side {side}")
+        if not (isinstance(num_classes, int) and num_classes >= 0):
+            raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
+        if conditioning != "none" and num_classes == 0:
+            raise ValueError(f"num_classes: conditioning={conditioning!r} needs num_classes > 0 (classes or modes)")
+        if not 0.0 <= class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob: expected a value in [0, 1), got {class_dropout_prob}")
+        if conditioning == "mode" and class_dropout_prob > 0:
+            raise ValueError("class_dropout_prob: mode conditioning has no null label (MM-FM uses no CFG)")
+
+        self.in_channels, self.num_tokens, self.patch_size = in_channels, num_tokens, patch_size
+        self.conditioning, self.num_classes = conditioning, num_classes
+        self.depth = depth
+        self.side = side // patch_size
+        patch_dim = in_channels * patch_size * patch_size
+
+        self.x_embedder = PatchEmbed(in_channels, head_hidden_size, patch_size)
+        self.s_embedder = PatchEmbed(in_channels, hidden_size, patch_size)
+        self.s_projector = nn.Linear(hidden_size, head_hidden_size) if hidden_size != head_hidden_size else nn.Identity()
+        self.t_embedder = GaussianFourierEmbedding(hidden_size)
+        if num_classes > 0:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.final_layer = DDTFinalLayer(head_hidden_size, patch_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.side**2, hidden_size), requires_grad=False)
+        self.enc_feat_rope = Rope2D(hidden_size // num_heads, self.side)
+        self.dec_feat_rope = Rope2D(head_hidden_size // head_num_heads, self.side)
+        self.blocks = nn.ModuleList(
+            [DDTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)]
+            + [DDTBlock(head_hidden_size, head_num_heads, mlp_ratio) for _ in range(head_depth)]
+        )
+        self.initialize_weights()
+
+    @property
+    def null_label(self) -> int | None:
+        """Index of the null label (CFG), or ``None`` when the table has no null row."""
+        emb = getattr(self, "y_embedder", None)
+        return emb.num_classes if emb is not None and emb.dropout_prob > 0 else None
+
+    def initialize_weights(self) -> None:
+        """The release's initialization (method.md §2.1): Xavier patch embeds with zero bias, N(0, 0.02)
+        time-MLP and label table, sin-cos positions, zero adaLN and output layers; other Linear layers
+        keep PyTorch's default."""
+        for emb in (self.x_embedder, self.s_embedder):
+            w = emb.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(emb.proj.bias)
+        if hasattr(self, "y_embedder"):
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.side).unsqueeze(0))
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        if p == 1:
+            return h
+        b, s, c = h.shape[0], self.side, self.in_channels
+        grid = h.reshape(b, s, s, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, s * p, s * p)
+        return grid_to_tokens(grid)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity ``(B, N, C)`` at noisy tokens ``x`` ``(B, N, C)`` and times ``t`` ``(B,)``.
+
+        ``y``: ``(B,)`` labels (class or mode); ignored by an unconditional network. ``drop``: optional
+        ``(B,)`` bool mask forcing the null label (CFG training with an explicit generator).
+        """
+        _checks.shape("x", x, (None, self.num_tokens, self.in_channels))
+        b = x.shape[0]
+        _checks.shape("t", t, (b,))
+        t_emb = self.t_embedder(t)
+        if self.conditioning == "none":
+            c = F.silu(t_emb)
+        else:
+            if y is None:
+                raise ValueError(f"y: a {self.conditioning}-conditional network needs labels of shape ({b},)")
+            rows = self.y_embedder.embedding_table.num_embeddings
+            _checks.labels("y", y, rows, batch=b)
+            c = F.silu(t_emb + self.y_embedder(y, drop))
+        s = self.s_embedder(x) + self.pos_embed
+        for block in self.blocks[: self.depth]:
+            s = block(s, c, self.enc_feat_rope)
+        s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))
+        h = self.x_embedder(x)
+        for block in self.blocks[self.depth:]:
+            h = block(h, s, self.dec_feat_rope)
+        return self._unpatchify(self.final_layer(h, s))
+
+
+def build_ditdh(preset: str, *, in_channels: int = 768, num_tokens: int = 256, conditioning: str = "none",
+                num_classes: int = 0, class_dropout_prob: float = 0.0, **overrides) -> DiTDH:
+    """A DiTDH from a preset name (``ditdh-s``, ``-b``, ``-l``, ``-xl``, ``-demo``, ``-tiny``)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown DiTDH preset {preset!r}; expected one of {sorted(PRESETS)}")
+    kw = {**PRESETS[preset], **overrides}
+    return DiTDH(in_channels, num_tokens, conditioning=conditioning, num_classes=num_classes,
+                 class_dropout_prob=class_dropout_prob, **kw)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, frozen ones included (the sin-cos positions and Fourier ``W``), as ``train.py`` counts."""
+    return sum(p.numel() for p in model.parameters())
