@@ -89,7 +89,7 @@ class GaussianMixtureSource:
         self.weights, self.means, self.variances = weights, means, variances
         self.event_shape = tuple(means.shape[1:])
         self.dim = math.prod(self.event_shape)
-        self._gemm = None  # cached (centre, P, mu*P, constants) for log-density
+        self._gemm = None  # per device/dtype terms of the log-density (see _gemm_terms)
 
     @property
     def num_modes(self) -> int:

@@ -172,7 +172,6 @@ def evaluate(model: VelocityMLP, source, target_eval: torch.Tensor, cfg: R10Conf
 def run(cfg: R10Config | None = None, progress: bool = True) -> list[dict]:
     """All six rows of the table, with the paper's numbers beside ours."""
     cfg = cfg or R10Config()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for si, setting in enumerate(SETTINGS):
         target = MixtureTarget(cfg.radius[setting], cfg)
