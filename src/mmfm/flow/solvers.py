@@ -19,8 +19,6 @@ from mmfm import _checks
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 FIXED = ("euler", "heun", "midpoint")
 SOLVERS = FIXED + ("dopri5",)
-#: velocity evaluations per step of each fixed-grid method
-NFE_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2}
 
 
 @dataclass
