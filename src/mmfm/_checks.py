@@ -25,6 +25,23 @@ def tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None
     return x
 
 
+def integer(name: str, v, minimum: int = 1) -> int:
+    """Check an integer argument ``>= minimum`` (sizes, counts, labels)."""
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+        kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+        raise ValueError(f"{name}: expected {kind}, got {v!r}")
+    return v
+
+
+def event(name: str, x: torch.Tensor, event_shape: tuple[int, ...]) -> None:
+    """Check that ``x`` is a batch ``(B, *event_shape)`` of a source's events."""
+    if x.ndim != len(event_shape) + 1 or tuple(x.shape[1:]) != tuple(event_shape):
+        raise ValueError(
+            f"{name}: expected shape (B, {', '.join(map(str, event_shape))}) matching the source, "
+            f"got {tuple(x.shape)}"
+        )
+
+
 def finite(name: str, x: torch.Tensor) -> None:
     """Raise if ``x`` holds NaN or an infinity (skipped on the ``meta`` device)."""
     if x.device.type != "meta" and x.numel() and not bool(torch.isfinite(x).all()):

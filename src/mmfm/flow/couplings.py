@@ -26,11 +26,7 @@ Source = GaussianSource | GaussianMixtureSource
 
 def _check_x1(x1: torch.Tensor, source: Source) -> torch.Tensor:
     x1 = _checks.tensor("x1", x1, min_ndim=2)
-    if tuple(x1.shape[1:]) != source.event_shape:
-        raise ValueError(
-            f"x1: expected shape (B, {', '.join(map(str, source.event_shape))}) matching the source, "
-            f"got {tuple(x1.shape)}"
-        )
+    _checks.event("x1", x1, source.event_shape)
     return x1
 
 

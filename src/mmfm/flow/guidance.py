@@ -54,8 +54,7 @@ class ClassifierFreeGuidance(nn.Module):
 
     def __init__(self, model: nn.Module, scale: float, null_label: int, interval=(0.0, 1.0)):
         super().__init__()
-        if not (isinstance(null_label, int) and null_label >= 0):
-            raise ValueError(f"null_label: expected a non-negative integer, got {null_label!r}")
+        _checks.integer("null_label", null_label, minimum=0)
         self.model, self.scale, self.null_label = model, float(scale), null_label
         self.interval = _check_interval(interval)
 

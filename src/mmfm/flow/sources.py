@@ -41,14 +41,14 @@ class GaussianSource:
     ) -> tuple[torch.Tensor, None]:
         if modes is not None:
             raise ValueError("modes: a Gaussian source has no modes; pass modes=None")
-        _check_n(n)
+        _checks.integer("n", n, minimum=0)
         x0 = torch.randn((n, *self.event_shape), generator=generator, device=_device_of(generator, device))
         return x0, None
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log N(x; 0, I)`` summed over the event, shape ``(B,)``."""
         x = _checks.tensor("x", x)
-        _check_event("x", x, self.event_shape)
+        _checks.event("x", x, self.event_shape)
         flat = x.reshape(x.shape[0], -1)
         return -0.5 * (self.dim * LOG_2PI + (flat * flat).sum(1))
 
@@ -107,7 +107,7 @@ class GaussianMixtureSource:
     # sampling
     def sample_modes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``k_i ~ Categorical(pi)``, shape ``(n,)`` int64, on the generator's (or the weights') device."""
-        _check_n(n)
+        _checks.integer("n", n, minimum=0)
         w = self.weights.to(device=generator.device) if generator is not None else self.weights
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=w.device)
@@ -125,7 +125,7 @@ class GaussianMixtureSource:
         ``modes`` (``(n,)`` integers in ``[0, K)``) fixes each sample's mode (mode coupling, or modes
         chosen by the user); otherwise modes are drawn from the weights.
         """
-        _check_n(n)
+        _checks.integer("n", n, minimum=0)
         if modes is None:
             modes = self.sample_modes(n, generator)
         else:
@@ -166,7 +166,7 @@ class GaussianMixtureSource:
     def log_joint(self, x: torch.Tensor) -> torch.Tensor:
         """``log pi_k + log N(x_i; mu_k, Sigma_k)``, shape ``(B, K)``, in ``x``'s dtype."""
         x = _checks.tensor("x", x)
-        _check_event("x", x, self.event_shape)
+        _checks.event("x", x, self.event_shape)
         centre, prec, mu_prec, mu_sq, const = self._gemm_terms(x.device, x.dtype)
         xc = x.reshape(x.shape[0], -1) - centre
         if self.covariance == "spherical":
@@ -195,15 +195,3 @@ class GaussianMixtureSource:
             probs = probs.to(generator.device)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
 
-
-def _check_n(n) -> None:
-    if not (isinstance(n, int) and n >= 0):
-        raise ValueError(f"n: expected a non-negative integer, got {n!r}")
-
-
-def _check_event(name: str, x: torch.Tensor, event_shape: tuple[int, ...]) -> None:
-    if tuple(x.shape[1:]) != event_shape or x.ndim != len(event_shape) + 1:
-        raise ValueError(
-            f"{name}: expected shape (B, {', '.join(map(str, event_shape))}) matching the source, "
-            f"got {tuple(x.shape)}"
-        )

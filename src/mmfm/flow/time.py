@@ -27,10 +27,8 @@ RAE_TIME_INTERVAL = (1e-3, 1.0)
 
 def shift_factor(dim: int, base: int = SHIFT_BASE_DIM) -> float:
     """``s = sqrt(dim / base)``; ``dim`` is the number of scalars in one latent (e.g. 256 * 768)."""
-    if not (isinstance(dim, int) and dim > 0):
-        raise ValueError(f"dim: expected a positive integer, got {dim!r}")
-    if not (isinstance(base, int) and base > 0):
-        raise ValueError(f"base: expected a positive integer, got {base!r}")
+    _checks.integer("dim", dim)
+    _checks.integer("base", base)
     return math.sqrt(dim / base)
 
 
@@ -106,8 +104,7 @@ class TimeSampler:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """Draw ``n`` times, shape ``(n,)``."""
-        if not (isinstance(n, int) and n >= 0):
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
+        _checks.integer("n", n, minimum=0)
         if device is None and generator is not None:
             device = generator.device
         u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
@@ -134,8 +131,7 @@ def time_grid(
     ``linspace(0, end, steps + 1)`` mapped through the shift, so the steps are small near the source
     when ``shift > 1`` (where RAE's large shift puts them).
     """
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    _checks.integer("steps", steps)
     if not (0.0 < end <= 1.0):
         raise ValueError(f"end: expected 0 < end <= 1, got {end}")
     base = torch.linspace(0.0, end, steps + 1, dtype=torch.float64, device=device)

@@ -111,15 +111,13 @@ class DiTDH(nn.Module):
         for name, v in dict(in_channels=in_channels, num_tokens=num_tokens, hidden_size=hidden_size, depth=depth,
                             num_heads=num_heads, head_hidden_size=head_hidden_size, head_depth=head_depth,
                             head_num_heads=head_num_heads, patch_size=patch_size).items():
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            _checks.integer(name, v)
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
             raise ValueError(f"num_tokens: expected a perfect square (a square token grid), got {num_tokens}")
         if side % patch_size:
             raise ValueError(f"patch_size: {patch_size} does not divide the grid side {side}")
-        if not (isinstance(num_classes, int) and num_classes >= 0):
-            raise ValueError(f"num_classes: expected a non-negative integer, got {num_classes!r}")
+        _checks.integer("num_classes", num_classes, minimum=0)
         if conditioning != "none" and num_classes == 0:
             raise ValueError(f"num_classes: conditioning={conditioning!r} needs num_classes > 0 (classes or modes)")
         if not 0.0 <= class_dropout_prob < 1.0:

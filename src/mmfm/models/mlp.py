@@ -19,8 +19,7 @@ class VelocityMLP(nn.Module):
     def __init__(self, dim: int, hidden: int = 256, depth: int = 3, time_frequencies: int = 8):
         super().__init__()
         for name, v in dict(dim=dim, hidden=hidden, depth=depth).items():
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            _checks.integer(name, v)
         self.dim = dim
         self.register_buffer("freqs", 2 * math.pi * 2.0 ** torch.arange(time_frequencies, dtype=torch.float32))
         layers, width = [], dim + 1 + 2 * time_frequencies

@@ -41,6 +41,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 from tqdm.auto import tqdm
 
+from mmfm import _checks
 from mmfm.flow import (
     GaussianMixtureSource,
     GaussianSource,
@@ -87,9 +88,7 @@ class R10Config:
 
     def __post_init__(self):
         for name in ("modes", "gmm_samples", "iters", "batch", "hidden", "depth", "n_eval", "steps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+            _checks.integer(name, getattr(self, name))
         if self.modes > 2 * DIM:
             raise ValueError(f"modes: at most {2 * DIM} centres on the signed axes of R^{DIM}, got {self.modes}")
         lo, hi = self.scale_range
