@@ -30,6 +30,75 @@ def _toy_r10(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_gmm(args: argparse.Namespace) -> int:
+    from mmfm.gmm.fit import fit_cls_gmm
+
+    result, sidecar = fit_cls_gmm(
+        args.input, args.k, args.out, init=args.init, max_iter=args.max_iter, tol=args.tol,
+        reg_covar=args.reg_covar, seed=args.seed, device=args.device, dtype=args.precision,
+        init_sample=args.init_sample, kmeans_iter=args.kmeans_iter, column=args.column, stream=args.stream,
+        plot=not args.no_plot, progress=not args.json)
+    summary = {"out": args.out, "k": args.k, "rows": sidecar["data"]["rows"], "dim": sidecar["data"]["dim"],
+               "n_iter": result.n_iter, "converged": result.converged, "final_loglik": result.final_loglik,
+               "reseeded": sidecar["fit"]["reseeded_total"], "collapsed": result.collapsed,
+               "backend": result.backend, "seconds_per_iter": result.seconds_per_iter}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {args.out} (K = {args.k}, {summary['rows']} rows x {summary['dim']}): "
+              f"{result.n_iter} iterations, {'converged' if result.converged else 'NOT converged'}, "
+              f"mean log-likelihood {result.final_loglik:.6g}, {summary['reseeded']} re-seeded, "
+              f"{result.collapsed} collapsed, {result.seconds_per_iter:.3g} s/iteration on {result.backend}")
+    return 0
+
+
+def _spatial_stats(args: argparse.Namespace) -> int:
+    from mmfm.gmm.spatial import spatial_stats
+
+    meta = spatial_stats(args.shards, args.gmm, args.out, flip=args.flip, covariance=args.covariance,
+                         rows=args.rows, device=args.device, progress=not args.json)
+    line = {k: meta[k] for k in ("rows", "modes_touched", "k", "flip", "covariance")}
+    print(json.dumps({"out": args.out, **line}) if args.json else
+          f"wrote {args.out}: {line['rows']} rows into {line['modes_touched']} of {line['k']} modes")
+    return 0
+
+
+def _spatial_reduce(args: argparse.Namespace) -> int:
+    from mmfm.gmm.spatial import spatial_reduce
+
+    side = spatial_reduce(args.partials, args.out, weights=args.weights, min_variance=args.min_variance,
+                          block_modes=args.block_modes, progress=not args.json)
+    line = {k: side[k] for k in ("k", "samples", "empty_modes", "floored_variances", "covariance")}
+    print(json.dumps({"out": args.out, **line}) if args.json else
+          f"wrote {args.out}: K = {line['k']}, {line['samples']} samples, {line['empty_modes']} empty modes "
+          f"(given the global mean/variance), {line['covariance']} variances")
+    return 0
+
+
+def _import_gmm(args: argparse.Namespace) -> int:
+    from mmfm.gmm.released import import_released
+
+    meta = import_released(args.pickle, args.out, allow_pickle=args.allow_pickle, channels=args.channels)
+    print(f"wrote {args.out}: {meta['kind']}, K = {meta['k']}")
+    return 0
+
+
+def _bench_gmm(args: argparse.Namespace) -> int:
+    from mmfm.bench.gmm import bench_gmm
+
+    if args.imagenet_scale:
+        result = bench_gmm(n=1_281_167, d=768, k=8192, iters=args.iters, seed=args.seed, device=args.device,
+                           sklearn=False, repeats=1)
+    else:
+        result = bench_gmm(n=args.n, d=args.d, k=args.k, iters=args.iters, seed=args.seed, device=args.device,
+                           repeats=args.repeats)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>26}: {value}")
+    print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -48,6 +117,81 @@ def build_parser() -> argparse.ArgumentParser:
     r10.add_argument("--steps", type=int, default=100, help="midpoint steps of the evaluation ODE")
     r10.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     r10.set_defaults(func=_toy_r10)
+
+    fit = sub.add_parser("fit-gmm", help="fit the diagonal Gaussian mixture on CLS descriptors",
+                         description="Fit a diagonal K-component Gaussian mixture by EM (numpy on CPU, CuPy on "
+                                     "GPU) to the `cls` column of Parquet shards or to a .npy array; write "
+                                     "OUT (.safetensors), OUT's .json sidecar and OUT_weights.png.")
+    fit.add_argument("--input", required=True, help="Parquet shard file, folder or glob; or a .npy (rows, D) array")
+    fit.add_argument("--k", type=int, required=True, help="number of components (the paper: 8192)")
+    fit.add_argument("--out", required=True, help="output .safetensors path")
+    fit.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    fit.add_argument("--init", default="k-means++", choices=["k-means++", "kmeans", "from-data", "random"])
+    fit.add_argument("--max-iter", type=int, default=100)
+    fit.add_argument("--tol", type=float, default=1e-3, help="stop when the mean log-likelihood gains less")
+    fit.add_argument("--reg-covar", type=float, default=1e-6, help="added to every variance")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--precision", default="float32", choices=["float32", "float64"],
+                     help="compute dtype of the matrix products (statistics are always float64)")
+    fit.add_argument("--init-sample", type=int, default=None, help="rows k-means sees (default: all)")
+    fit.add_argument("--kmeans-iter", type=int, default=10, help="Lloyd iterations for --init kmeans")
+    fit.add_argument("--column", default="cls", help="Parquet column (default: %(default)s)")
+    fit.add_argument("--stream", action="store_true", help="read Parquet shards at every pass instead of "
+                                                           "loading the column into memory")
+    fit.add_argument("--no-plot", action="store_true", help="skip OUT_weights.png")
+    fit.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    fit.set_defaults(func=_fit_gmm)
+
+    st = sub.add_parser("spatial-stats", help="per-mode partial sums of the token latents of shards (map)",
+                        description="Assign every row of the shards to its CLS mode (hard) and write float64 "
+                                    "partial sums (count, sum, sum of squares) of the token grids per mode.")
+    st.add_argument("--shards", required=True, nargs="+", help="shard file(s), folder or glob")
+    st.add_argument("--gmm", required=True, help="the CLS GMM (.safetensors from fit-gmm)")
+    st.add_argument("--out", required=True, help="output partial .safetensors")
+    st.add_argument("--flip", action="store_true", help="also add each latent grid mirrored along its width")
+    st.add_argument("--covariance", default="spherical", choices=["spherical", "diag"])
+    st.add_argument("--rows", type=int, default=256, help="rows read at a time")
+    st.add_argument("--device", default="cpu", help="device of the CLS assignment")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_spatial_stats)
+
+    red = sub.add_parser("spatial-reduce", help="sum partial files into the spatial GMM (reduce)",
+                         description="Sum any number of spatial-stats partials (any order) into the spatial GMM: "
+                                     "weights, means (K, N, D), variances (spherical or diag), counts.")
+    red.add_argument("--partials", required=True, nargs="+", help="partial file(s), folder or glob")
+    red.add_argument("--out", required=True, help="output .safetensors")
+    red.add_argument("--weights", default="cls", choices=["cls", "counts"],
+                     help="mixture weights: the CLS GMM's (as released) or the assignment counts")
+    red.add_argument("--min-variance", type=float, default=1e-8)
+    red.add_argument("--block-modes", type=int, default=None, help="modes summed at a time (memory bound)")
+    red.add_argument("--json", action="store_true")
+    red.set_defaults(func=_spatial_reduce)
+
+    imp = sub.add_parser("import-gmm", help="convert a released scikit-learn GMM pickle (executes pickle!)",
+                         description="Read a released MM-FM GMM pickle (CLS or spatial) and write our safetensors "
+                                     "+ JSON. Unpickling executes code from the file: --allow-pickle is required.")
+    imp.add_argument("--pickle", required=True, help="the released .pkl")
+    imp.add_argument("--out", required=True, help="output .safetensors")
+    imp.add_argument("--allow-pickle", action="store_true", help="I trust this file; unpickle it")
+    imp.add_argument("--channels", type=int, default=768, help="encoder width of a spatial GMM (default: 768)")
+    imp.set_defaults(func=_import_gmm)
+
+    bench = sub.add_parser("bench", help="measurements against named anchors").add_subparsers(
+        dest="bench", required=True, metavar="target")
+    bg = bench.add_parser("gmm", help="our EM vs scikit-learn GaussianMixture(diag), same start and iterations",
+                          description="Time our EM and scikit-learn's on the same float32 data, initial parameters "
+                                      "and iteration count; print one JSON object as the last line.")
+    bg.add_argument("--n", type=int, default=50000)
+    bg.add_argument("--d", type=int, default=64)
+    bg.add_argument("--k", type=int, default=256)
+    bg.add_argument("--iters", type=int, default=10)
+    bg.add_argument("--seed", type=int, default=0)
+    bg.add_argument("--repeats", type=int, default=3, help="timed runs per side; the fastest is reported")
+    bg.add_argument("--device", default="cpu")
+    bg.add_argument("--imagenet-scale", action="store_true",
+                    help="ours only, at N = 1.28M, D = 768, K = 8192 (synthetic; meant for a GPU)")
+    bg.add_argument("--json", action="store_true", help="print only the JSON line")
+    bg.set_defaults(func=_bench_gmm)
     return parser
 
 

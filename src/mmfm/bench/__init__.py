@@ -1,0 +1,1 @@
+"""Measurements against named anchors (`mmfm bench ...`); each prints one JSON object."""

@@ -1,0 +1,1 @@
+"""Data: image folders, the digits demo and Parquet latent shards."""

@@ -1,0 +1,100 @@
+"""The CLS-GMM stage: read the descriptors, check them, initialize, run EM, write the files.
+
+``fit_cls_gmm("results/shards", k=8192, out="results/gmm/cls.safetensors")`` writes
+
+- ``cls.safetensors`` (weights, means, variances; float64) and ``cls.json`` (settings, the
+  log-likelihood per iteration, backend, timings, data fingerprint),
+- ``cls_weights.png``: the sorted weights and their histogram.
+
+Nothing is written unless the fit succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmfm.gmm import data as gdata
+from mmfm.gmm import files
+from mmfm.gmm.em import EMResult, fit_em
+from mmfm.gmm.init import METHODS, initialize
+
+
+def open_input(spec, column: str = "cls", stream: bool = False):
+    """A ``.npy`` array (memory-mapped) or the ``column`` of Parquet shards (file, folder or glob).
+
+    Parquet input is loaded into memory unless ``stream``; a ``.npy`` is read through its memory map.
+    """
+    p = Path(str(spec))
+    if p.suffix == ".npy":
+        if not p.is_file():
+            raise ValueError(f"input: {p}: no such file")
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"input: {p}: {err}") from None
+        return gdata.ArrayRows(arr, name=str(p))
+    rows = gdata.ParquetRows(spec, column=column)
+    if stream:
+        return rows
+    chunks = [x for _, x in rows.chunks()]
+    return gdata.ArrayRows(np.concatenate(chunks) if len(chunks) > 1 else chunks[0], name=str(spec))
+
+
+def fit_cls_gmm(
+    input,
+    k: int,
+    out,
+    *,
+    init: str = "k-means++",
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    reg_covar: float = 1e-6,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    init_sample: int | None = None,
+    kmeans_iter: int = 10,
+    column: str = "cls",
+    stream: bool = False,
+    plot: bool = True,
+    progress: bool = True,
+) -> tuple[EMResult, dict]:
+    """Fit the diagonal CLS mixture and write it (see the module doc). Returns the result and sidecar."""
+    if init not in METHODS:
+        raise ValueError(f"init: expected one of {list(METHODS)}, got {init!r}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"out: expected a .safetensors path, got {out}")
+    source = open_input(input, column=column, stream=stream)
+    t0 = time.perf_counter()
+    summary = gdata.summarize(source, progress=progress)
+    t_check = time.perf_counter() - t0
+    start = initialize(source, k, init, seed=seed, reg_covar=reg_covar, init_sample=init_sample,
+                       kmeans_iter=kmeans_iter, dtype=dtype, device=device, summary=summary, progress=progress)
+    t_init = time.perf_counter() - t0 - t_check
+    result = fit_em(source, start, max_iter=max_iter, tol=tol, reg_covar=reg_covar, dtype=dtype, device=device,
+                    summary=summary, progress=progress)
+    sidecar = {
+        "settings": {"k": k, "init": init, "max_iter": max_iter, "tol": tol, "reg_covar": reg_covar, "seed": seed,
+                     "device": device, "dtype": dtype, "init_sample": init_sample, "kmeans_iter": kmeans_iter,
+                     "column": column, "stream": stream},
+        "input": str(input),
+        "data": summary.as_dict(),
+        "fit": result.report(),
+        "seconds": {"check": t_check, "init": t_init, "em": result.seconds,
+                    "score": time.perf_counter() - t0 - t_check - t_init - result.seconds},
+        "weights_plot": _plot_path(out).name if plot else None,
+        "host": os.uname().nodename,
+    }
+    if plot:
+        files.plot_weights(result.gmm.weights, _plot_path(out), title=f"CLS GMM {out.stem}")
+    files.save_cls_gmm(out, result.gmm, sidecar)
+    return result, sidecar
+
+
+def _plot_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_weights.png")
