@@ -80,7 +80,7 @@ def bench_gmm(n: int = 50000, d: int = 64, k: int = 256, iters: int = 10, seed: 
     x = synthetic(n, d, k, seed)
     init = initialize(x, k, "from-data", seed=seed, dtype="float32")
     be = Backend(device)
-    block_rows = default_block_rows(k, d, be.gpu)
+    block_rows = default_block_rows(k, d, be.gpu, n, be.workers)
 
     def run_ours():
         t = time.perf_counter()

@@ -194,12 +194,16 @@ def _cuda_available() -> bool:
         return False
 
 
-def default_block_rows(k: int, dim: int, gpu: bool) -> int:
-    """Rows per block: the ``rows x K`` log-joint block near 8 MB on CPU (cache), 256 MB on GPU."""
+def default_block_rows(k: int, dim: int, gpu: bool, n: int | None = None, workers: int = 1) -> int:
+    """Rows per block: the ``K x rows`` log-joint block near 8 MB on CPU (cache), 256 MB on GPU; on
+    the CPU at least four blocks per worker thread when ``n`` is given."""
     width = k + 2 * dim + 1
     if gpu:
         return int(min(65536, max(1024, 2**26 // width)))
-    return int(min(16384, max(128, 2**21 // width)))
+    rows = min(16384, max(128, 2**21 // width))
+    if n is not None:
+        rows = min(rows, max(256, -(-n // (4 * workers))))
+    return int(rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,7 +393,7 @@ def fit_em(
         summary = gdata.summarize(source, progress=progress)
     if init.dim != summary.dim:
         raise ValueError(f"init: the mixture has {init.dim} features but the data has {summary.dim}")
-    block_rows = block_rows or default_block_rows(init.k, init.dim, be.gpu)
+    block_rows = block_rows or default_block_rows(init.k, init.dim, be.gpu, summary.n, be.workers)
     passes = _Passes(source, summary, be, dtype, block_rows)
     eps = float(np.finfo(np.dtype(dtype)).eps)
     gmm, history, reseeded, converged = init, [], [], False
@@ -460,5 +464,8 @@ def mean_log_likelihood(gmm: DiagonalGMM, data, dtype: str = "float64", device: 
     source = gdata.as_rows(data)
     summary = gdata.summarize(source)
     be = Backend(device)
-    passes = _Passes(source, summary, be, dtype, default_block_rows(gmm.k, gmm.dim, be.gpu))
+    if gmm.dim != summary.dim:
+        raise ValueError(f"gmm: the mixture has {gmm.dim} features but the data has {summary.dim}")
+    rows = default_block_rows(gmm.k, gmm.dim, be.gpu, summary.n, be.workers)
+    passes = _Passes(source, summary, be, dtype, rows)
     return passes.soft(gemm_weights(gmm, summary.mean))[1] / summary.n

@@ -94,7 +94,8 @@ def initialize(
     backend = Backend(device)
     centres = kmeans_centres(sample, k, method, seed, backend, kmeans_iter)
 
-    passes = _Passes(source, summary, backend, dtype, default_block_rows(k, summary.dim, backend.gpu))
+    rows = default_block_rows(k, summary.dim, backend.gpu, summary.n, backend.workers)
+    passes = _Passes(source, summary, backend, dtype, rows)
     stats = passes.hard(centres)
     d = summary.dim
     counts = stats[:, 2 * d].copy()

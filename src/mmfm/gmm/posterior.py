@@ -17,7 +17,7 @@ from mmfm.flow.sources import GaussianMixtureSource
 
 def _as_tensor(x, source: GaussianMixtureSource, what: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+        x = torch.from_numpy(np.require(x, requirements="W"))  # Arrow buffers are read-only: copy those
     if not isinstance(x, torch.Tensor) or x.ndim != 2:
         raise ValueError(f"{what}: expected a (rows, features) array, got {getattr(x, 'shape', type(x).__name__)}")
     if x.shape[1] != source.dim:

@@ -101,10 +101,10 @@ def spatial_stats(
     bar = tqdm(total=total, desc="spatial stats", unit="row", disable=not progress)
     for p in paths:
         for batch in shards.iter_columns(p, ["tokens"], rows=rows):
-            x = torch.from_numpy(batch["tokens"])
-            if x.shape[1] != nd:
-                raise ValueError(f"{p}: tokens have {x.shape[1]} values per row, expected {h}x{w}x{d} = {nd}")
-            x = x.to(torch.float64)
+            tokens = batch["tokens"]
+            if tokens.shape[1] != nd:
+                raise ValueError(f"{p}: tokens have {tokens.shape[1]} values per row, expected {h}x{w}x{d} = {nd}")
+            x = torch.from_numpy(tokens.astype(np.float64))
             idx = pos[start:start + len(x)]
             if flip:
                 mirror = x.view(-1, h, w, d).flip(2).reshape(len(x), nd)

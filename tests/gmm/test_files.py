@@ -1,0 +1,135 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from sklearn.mixture import GaussianMixture
+
+from mmfm import io
+from mmfm.cli import main
+from mmfm.data import shards
+from mmfm.gmm import files
+from mmfm.gmm.em import DiagonalGMM
+from mmfm.gmm.released import import_released
+
+
+def blobs(n=600, d=4, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((k, d)) * 6
+    return (c[rng.integers(0, k, n)] + rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_tensor_files_are_standard_safetensors_and_memory_mapped(tmp_path):
+    t = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([1, 2], np.int64), "e": np.zeros((0, 2))}
+    path = tmp_path / "x.safetensors"
+    io.save_tensors(path, t, {"kind": "test", "n": 3})
+    ref = load_file(path)  # the safetensors library reads our file
+    for k in t:
+        assert np.array_equal(ref[k], t[k]) and ref[k].dtype == t[k].dtype
+    maps, meta = io.open_tensors(path)
+    assert isinstance(maps["a"], np.memmap) and meta == {"kind": "test", "n": 3}
+    assert np.array_equal(maps["a"], t["a"])
+
+
+def test_tensor_file_without_commit_or_with_error_leaves_nothing(tmp_path):
+    path = tmp_path / "y.safetensors"
+    with pytest.raises(RuntimeError, match="without commit"):
+        with io.TensorFile(path, {"a": ((2,), np.float32)}):
+            pass
+    with pytest.raises(KeyError):
+        with io.TensorFile(path, {"a": ((2,), np.float32)}) as f:
+            f["missing"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cls_gmm_roundtrip_and_source(tmp_path):
+    rng = np.random.default_rng(0)
+    g = DiagonalGMM(np.full(3, 1 / 3), rng.standard_normal((3, 4)), rng.uniform(0.5, 2, (3, 4)))
+    path = tmp_path / "g.safetensors"
+    files.save_cls_gmm(path, g, {"note": "x"})
+    back = files.load_cls_gmm(path)
+    assert np.array_equal(back.means, g.means) and np.array_equal(back.variances, g.variances)
+    assert files.read_sidecar(path)["note"] == "x"
+    src = files.load_source(path)
+    assert src.covariance == "diag" and src.event_shape == (4,)
+
+
+def test_fit_gmm_cli_writes_fit_files_from_parquet_and_npy(tmp_path, capsys):
+    x = blobs()
+    folder = tmp_path / "shards"
+    for i in range(3):
+        shards.write_shard(folder / f"s{i}.parquet", {"cls": x[i * 200:(i + 1) * 200]}, {"encoder": "t"})
+    np.save(tmp_path / "cls.npy", x)
+    outs = {}
+    for name, inp, extra in [("pq", str(folder), []), ("glob", str(folder / "s*.parquet"), ["--stream"]),
+                             ("npy", str(tmp_path / "cls.npy"), [])]:
+        out = tmp_path / f"{name}.safetensors"
+        assert main(["fit-gmm", "--input", inp, "--k", "3", "--out", str(out), "--seed", "1", "--json", *extra]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["rows"] == 600 and line["k"] == 3
+        outs[name] = files.load_cls_gmm(out)
+        side = files.read_sidecar(out)
+        assert side["settings"]["k"] == 3 and len(side["fit"]["loglik"]) == side["fit"]["n_iter"]
+        assert side["data"]["fingerprint"] and (tmp_path / f"{name}_weights.png").stat().st_size > 0
+    # the same data however it is read: the same mixture
+    assert np.array_equal(outs["pq"].means, outs["npy"].means)
+    assert np.array_equal(outs["pq"].means, outs["glob"].means)
+    sk = GaussianMixture(3, covariance_type="diag", random_state=0).fit(x)
+    assert np.allclose(np.sort(outs["npy"].weights), np.sort(sk.weights_), atol=1e-3)
+
+
+def test_fit_gmm_bad_input_writes_nothing(tmp_path, capsys):
+    x = blobs(n=50)
+    np.save(tmp_path / "a.npy", x)
+    out = tmp_path / "g.safetensors"
+    assert main(["fit-gmm", "--input", str(tmp_path / "a.npy"), "--k", "60", "--out", str(out)]) == 2
+    assert "k: 60 components but the data has only 50 rows" in capsys.readouterr().err
+    x[3, 1] = np.inf
+    np.save(tmp_path / "b.npy", x)
+    assert main(["fit-gmm", "--input", str(tmp_path / "b.npy"), "--k", "2", "--out", str(out)]) == 2
+    assert "b.npy rows 0..49: 1 row(s) hold NaN or Inf" in capsys.readouterr().err
+    assert main(["fit-gmm", "--input", str(tmp_path / "nope"), "--k", "2", "--out", str(out)]) == 2
+    assert "nope: no such file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.npy"]
+
+
+def test_import_requires_allow_pickle_and_converts_cls_and_spatial(tmp_path, capsys):
+    x = blobs().astype(np.float64)
+    sk = GaussianMixture(3, covariance_type="diag", random_state=0).fit(x)
+    pkl = tmp_path / "gmm_n3_diag_k-means++.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": sk, "labels": sk.predict(x), "config": {"covariance_type": "diag"}}, f)
+    out = tmp_path / "cls.safetensors"
+    assert main(["import-gmm", "--pickle", str(pkl), "--out", str(out)]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not out.exists()
+    assert main(["import-gmm", "--pickle", str(pkl), "--out", str(out), "--allow-pickle"]) == 0
+    assert "executes code" in capsys.readouterr().err
+    g = files.load_cls_gmm(out)
+    assert np.array_equal(g.means, sk.means_) and np.array_equal(g.variances, sk.covariances_)
+
+    # a released-style spatial GMM: means flattened channels-first (C, H, W)
+    k, c, h = 4, 6, 2
+    rng = np.random.default_rng(1)
+    grid = rng.standard_normal((k, c, h, h))
+    spatial = {"means": grid.reshape(k, -1), "variances": rng.uniform(0.5, 1, k), "weights": np.full(k, 0.25),
+               "cluster_counts": np.arange(k), "config": {"covariance_type": "spherical", "flip_augmentation": True}}
+    pkl2 = tmp_path / "spatial.pkl"
+    pkl2.write_bytes(pickle.dumps(spatial))
+    out2 = tmp_path / "spatial.safetensors"
+    import_released(pkl2, out2, allow_pickle=True, channels=c)
+    t, meta = io.open_tensors(out2)
+    assert t["means"].shape == (k, h * h, c)
+    # token (i, j) of mode m is channel vector grid[m, :, i, j]
+    assert np.allclose(t["means"][2, 1 * h + 0], grid[2, :, 1, 0])
+    assert meta["flip"] is True and meta["grid"] == [h, h]
+    with pytest.raises(ValueError, match="--channels"):
+        import_released(pkl2, tmp_path / "bad.safetensors", allow_pickle=True, channels=5)
+
+
+def test_bench_gmm_cli_prints_one_json_line(capsys):
+    assert main(["bench", "gmm", "--n", "3000", "--d", "8", "--k", "16", "--iters", "3", "--repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("ours_s", "sklearn_s", "ours_per_iter_s", "speedup_vs_sklearn", "loglik_rel_diff", "gemm_bound_s"):
+        assert result[key] > 0
+    assert result["loglik_rel_diff"] < 1e-4  # the same algorithm from the same start

@@ -1,0 +1,189 @@
+import json
+
+import numpy as np
+import pytest
+from sklearn.mixture import GaussianMixture
+
+from mmfm import io
+from mmfm.data import shards
+from mmfm.gmm import files
+from mmfm.gmm.em import DiagonalGMM
+from mmfm.gmm.spatial import spatial_reduce, spatial_stats
+
+H, W, D, DC, K = 2, 3, 4, 5, 9
+
+
+def write_shards(folder, n_rows=(40, 25, 35), seed=0, encoder="pixels", grid=(H, W)):
+    rng = np.random.default_rng(seed)
+    paths, cls_all, tok_all = [], [], []
+    for i, n in enumerate(n_rows):
+        cls = (rng.standard_normal((n, DC)) + rng.integers(0, 3, (n, 1)) * 4).astype(np.float32)
+        tok = rng.standard_normal((n, grid[0] * grid[1], D)).astype(np.float32) + 2.0
+        p = folder / f"shard-{i:03d}.parquet"
+        shards.write_shard(p, {"image_id": np.arange(n) + 1000 * i, "cls": cls, "tokens": tok},
+                           {"encoder": encoder, "revision": "r1", "grid": list(grid), "token_dim": D, "cls_dim": DC},
+                           row_group_rows=16)
+        paths.append(p)
+        cls_all.append(cls)
+        tok_all.append(tok)
+    return paths, np.concatenate(cls_all), np.concatenate(tok_all)
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    paths, cls, tok = write_shards(tmp_path)
+    sk = GaussianMixture(K, covariance_type="diag", random_state=0).fit(cls)
+    gmm_path = tmp_path / "cls.safetensors"
+    files.save_cls_gmm(gmm_path, DiagonalGMM(sk.weights_, sk.means_, sk.covariances_), {})
+    return tmp_path, paths, cls, tok, sk, gmm_path
+
+
+def direct(tok, labels, flip, cov):
+    """Float64 per-mode statistics of the concatenated data."""
+    x = tok.astype(np.float64)
+    if flip:
+        mirror = x.reshape(-1, H, W, D)[:, :, ::-1].reshape(x.shape)
+        x, labels = np.concatenate([x, mirror]), np.concatenate([labels, labels])
+    counts = np.bincount(labels, minlength=K)
+    means = np.zeros((K, H * W, D))
+    var = np.zeros((K, H * W, D)) if cov == "diag" else np.zeros(K)
+    for k in range(K):
+        if counts[k]:
+            xs = x[labels == k]
+            means[k] = xs.mean(0)
+            var[k] = xs.var(0) if cov == "diag" else xs.var(0).mean()
+    gm = x.mean(0)
+    empty = counts == 0
+    means[empty] = gm
+    var[empty] = x.var(0) if cov == "diag" else x.var(0).mean()
+    return counts, means, var
+
+
+def run(tmp, groups, gmm_path, order=None, flip=False, cov="spherical", tag="a", **kw):
+    parts = []
+    for i, g in enumerate(groups):
+        out = tmp / f"{tag}-part{i}.safetensors"
+        spatial_stats(g, gmm_path, out, flip=flip, covariance=cov, rows=7)
+        parts.append(out)
+    if order is not None:
+        parts = [parts[i] for i in order]
+    out = tmp / f"{tag}-spatial.safetensors"
+    side = spatial_reduce(parts, out, **kw)
+    t, meta = io.open_tensors(out)
+    return {k: np.array(v) for k, v in t.items()}, side
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_map_reduce_equals_direct_float64(setup, flip, cov):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    counts, means, var = direct(tok, sk.predict(cls), flip, cov)
+    got, side = run(tmp, [[p] for p in paths], gmm_path, flip=flip, cov=cov, tag=f"{flip}{cov}")
+    assert np.array_equal(got["counts"], counts)
+    np.testing.assert_allclose(got["means"], means, rtol=1e-6)   # stored float32
+    np.testing.assert_allclose(got["variances"], var, rtol=1e-6)
+    np.testing.assert_allclose(got["weights"], sk.weights_ / sk.weights_.sum(), rtol=1e-6)
+    assert side["empty_modes"] == int((counts == 0).sum()) and side["samples"] == counts.sum()
+    assert got["means"].shape == (K, H * W, D)
+
+
+def test_any_split_and_order(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    one, _ = run(tmp, [paths], gmm_path, tag="one", cov="diag")
+    three, _ = run(tmp, [[p] for p in paths], gmm_path, tag="three", cov="diag")
+    mixed, _ = run(tmp, [[paths[2], paths[0]], [paths[1]]], gmm_path, tag="mixed", cov="diag")
+    rev, _ = run(tmp, [[p] for p in paths], gmm_path, order=[2, 0, 1], tag="rev", cov="diag")
+    for other in (three, mixed):
+        np.testing.assert_allclose(other["means"], one["means"], rtol=1e-6)
+        np.testing.assert_allclose(other["variances"], one["variances"], rtol=1e-5)
+        assert np.array_equal(other["counts"], one["counts"])
+    for key in three:  # the order partials are given in changes no bit
+        assert np.array_equal(rev[key], three[key])
+
+
+def test_partials_are_exact_float64_sums(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    out = tmp / "p.safetensors"
+    spatial_stats(paths[0], gmm_path, out)
+    t, meta = io.open_tensors(out)
+    lab = sk.predict(cls[:40])
+    x = tok[:40].astype(np.float64)
+    assert list(t["modes"]) == sorted(set(lab))
+    for j, k in enumerate(t["modes"]):
+        np.testing.assert_allclose(t["sum"][j], x[lab == k].sum(0), rtol=1e-13)
+        np.testing.assert_allclose(t["sumsq"][j], (x[lab == k] ** 2).sum(), rtol=1e-13)
+    assert t["sum"].dtype == np.float64 and meta["rows"] == 40 and meta["encoder"] == "pixels"
+
+
+def test_flip_gives_exactly_mirror_symmetric_means(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    got, _ = run(tmp, [[p] for p in paths], gmm_path, flip=True, cov="diag", tag="flip")
+    grid = got["means"].reshape(K, H, W, D)
+    assert np.array_equal(grid, grid[:, :, ::-1])
+    vgrid = got["variances"].reshape(K, H, W, D)
+    assert np.array_equal(vgrid, vgrid[:, :, ::-1])
+
+
+def test_counts_weights_and_sidecar(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    got, side = run(tmp, [paths], gmm_path, tag="cw", weights="counts")
+    np.testing.assert_allclose(got["weights"], got["counts"] / got["counts"].sum())
+    on_disk = json.loads((tmp / "cw-spatial.json").read_text())
+    assert on_disk["weights_from"] == "counts" and on_disk["k"] == K and on_disk["grid"] == [H, W]
+    src = files.load_source(tmp / "cw-spatial.safetensors")
+    assert src.event_shape == (H * W, D) and src.covariance == "spherical"
+
+
+def test_reduce_refuses_mixed_partials(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    a = tmp / "a.safetensors"
+    spatial_stats(paths[0], gmm_path, a)
+    # another CLS mixture (different K)
+    sk2 = GaussianMixture(K - 1, covariance_type="diag", random_state=0).fit(cls)
+    other = tmp / "cls2.safetensors"
+    files.save_cls_gmm(other, DiagonalGMM(sk2.weights_, sk2.means_, sk2.covariances_), {})
+    b = tmp / "b.safetensors"
+    spatial_stats(paths[1], other, b)
+    with pytest.raises(ValueError, match=r"b\.safetensors: k is 8 but .*a\.safetensors has 9"):
+        spatial_reduce([a, b], tmp / "out.safetensors")
+    # another encoder
+    enc = tmp / "enc"
+    enc.mkdir()
+    p_enc, _, _ = write_shards(enc, n_rows=(10,), encoder="dinov2")
+    c = tmp / "c.safetensors"
+    spatial_stats(p_enc, gmm_path, c)
+    with pytest.raises(ValueError, match="encoder is 'dinov2' but"):
+        spatial_reduce([a, c], tmp / "out.safetensors")
+    # the same shard counted twice
+    d = tmp / "d.safetensors"
+    spatial_stats(paths[0], gmm_path, d)
+    with pytest.raises(ValueError, match="shard shard-000.parquet was already counted"):
+        spatial_reduce([a, d], tmp / "out.safetensors")
+    assert not (tmp / "out.safetensors").exists()
+
+
+def test_stats_refuses_bad_shards(setup, tmp_path_factory):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    other = tmp_path_factory.mktemp("g")
+    (p,), _, _ = write_shards(other, n_rows=(5,), grid=(3, 2))
+    with pytest.raises(ValueError, match="shard layout differs"):
+        spatial_stats([paths[0], p], gmm_path, tmp / "x.safetensors")
+    wide = tmp_path_factory.mktemp("w") / "wide.parquet"
+    shards.write_shard(wide, {"cls": np.zeros((3, DC + 1), np.float32), "tokens": np.zeros((3, H * W * D), np.float32)},
+                       {"encoder": "pixels", "grid": [H, W], "token_dim": D})
+    with pytest.raises(ValueError, match="wide.parquet: column 'cls': rows have 6 features but the mixture has 5"):
+        spatial_stats(wide, gmm_path, tmp / "x.safetensors")
+    assert not (tmp / "x.safetensors").exists()
+
+
+def test_empty_modes_get_the_global_mean_and_variance(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    far = DiagonalGMM(np.r_[sk.weights_ * 0.9, 0.1], np.vstack([sk.means_, np.full(DC, 1e3)]),
+                      np.vstack([sk.covariances_, np.ones(DC)]))
+    path = tmp / "far.safetensors"
+    files.save_cls_gmm(path, far, {})
+    got, side = run(tmp, [paths], path, tag="far")
+    assert side["empty_modes"] >= 1 and got["counts"][K] == 0
+    x = tok.astype(np.float64)
+    np.testing.assert_allclose(got["means"][K], x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got["variances"][K], x.var(0).mean(), rtol=1e-6)
