@@ -187,3 +187,19 @@ def test_empty_modes_get_the_global_mean_and_variance(setup):
     x = tok.astype(np.float64)
     np.testing.assert_allclose(got["means"][K], x.mean(0), rtol=1e-6)
     np.testing.assert_allclose(got["variances"][K], x.var(0).mean(), rtol=1e-6)
+
+
+def test_cli_map_and_reduce(setup, capsys):
+    from mmfm.cli import main
+
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    for i, p in enumerate(paths):
+        assert main(["spatial-stats", "--shards", str(p), "--gmm", str(gmm_path), "--flip",
+                     "--out", str(tmp / "parts" / f"{i}.safetensors"), "--json"]) == 0
+    capsys.readouterr()
+    out = tmp / "spatial.safetensors"
+    assert main(["spatial-reduce", "--partials", str(tmp / "parts"), "--out", str(out), "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["samples"] == 2 * len(tok) and line["k"] == K
+    assert main(["spatial-reduce", "--partials", str(tmp / "nothing"), "--out", str(tmp / "x.safetensors")]) == 2
+    assert "nothing" in capsys.readouterr().err

@@ -78,7 +78,7 @@ def bench_gmm(n: int = 50000, d: int = 64, k: int = 256, iters: int = 10, seed: 
     best-of-N: on a shared machine the slower runs measure the neighbours, not the code).
     """
     x = synthetic(n, d, k, seed)
-    init = initialize(x, k, "from-data", seed=seed, dtype="float32")
+    init = initialize(x, k, "from-data", seed=seed, dtype="float32", device=device)
     be = Backend(device)
     block_rows = default_block_rows(k, d, be.gpu, n, be.workers)
 
