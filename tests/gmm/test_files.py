@@ -128,7 +128,8 @@ def test_import_requires_allow_pickle_and_converts_cls_and_spatial(tmp_path, cap
 
 
 def test_bench_gmm_cli_prints_one_json_line(capsys):
-    assert main(["bench", "gmm", "--n", "3000", "--d", "8", "--k", "16", "--iters", "3", "--repeats", "1", "--json"]) == 0
+    args = ["--n", "3000", "--d", "8", "--k", "16", "--iters", "3", "--repeats", "1", "--json"]
+    assert main(["bench", "gmm", *args]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("ours_s", "sklearn_s", "ours_per_iter_s", "speedup_vs_sklearn", "loglik_rel_diff", "gemm_bound_s"):
         assert result[key] > 0

@@ -10,7 +10,8 @@ Model: ``p(x) = sum_k pi_k N(x; mu_k, diag(sigma_k^2))`` over ``x in R^D``.
     a_k = log pi_k - (D log 2 pi + sum_d log sigma_kd^2 + sum_d mu'_kd^2 P_kd) / 2
 
 so a block of ``b`` rows costs a ``K x (2D+1) x b`` product, then a max, ``exp`` and a sum over
-the components (log-sum-exp; the block is laid out ``K x b`` so these reductions vectorize). The sufficient statistics ``(sum_i r_ik x'^2, sum_i r_ik x', sum_i r_ik)`` are a
+the components (log-sum-exp; the block is laid out ``K x b`` so these reductions vectorize). The
+sufficient statistics ``(sum_i r_ik x'^2, sum_i r_ik x', sum_i r_ik)`` are a
 second product ``R^T @ [x'^2, x', 1]``; the rows of ``F = [x'^2, x', 1]`` are divided by the row
 sums first, so the ``b x K`` responsibilities are never normalized in place. An ``N x K`` matrix is
 never held: memory is one block.
@@ -41,8 +42,8 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -417,8 +418,9 @@ def fit_em(
     final = passes.soft(gemm_weights(gmm, summary.mean))[1] / summary.n if score else None
     collapsed = int((np.median(gmm.variances, axis=1) <= 10 * reg_covar).sum())
     if not converged and tol > 0:
-        print(f"mmfm: EM did not converge in {max_iter} iterations (last gain "
-              f"{history[-1] - history[-2] if len(history) > 1 else float('nan'):.3g} >= tol {tol})", file=sys.stderr)
+        gain = history[-1] - history[-2] if len(history) > 1 else float("nan")
+        print(f"mmfm: EM did not converge in {max_iter} iterations (last gain {gain:.3g} >= tol {tol})",
+              file=sys.stderr)
     return EMResult(gmm=gmm, loglik=history, n_iter=len(history), converged=converged, final_loglik=final,
                     reseeded=reseeded, collapsed=collapsed, backend=be.name, dtype=str(np.dtype(dtype)),
                     block_rows=block_rows, seconds=seconds, seconds_per_iter=seconds / max(1, len(history)))

@@ -30,7 +30,8 @@ from mmfm.gmm.em import Backend, DiagonalGMM, _params_from_stats, _Passes, defau
 METHODS = ("k-means++", "kmeans", "from-data", "random")
 
 
-def kmeans_centres(x: np.ndarray, k: int, method: str, seed: int, backend: Backend, kmeans_iter: int = 10) -> np.ndarray:
+def kmeans_centres(x: np.ndarray, k: int, method: str, seed: int, backend: Backend,
+                   kmeans_iter: int = 10) -> np.ndarray:
     """``(K, D)`` float64 centres of ``x`` (host array) by ``method``, on the backend's library."""
     if method == "from-data":
         rng = np.random.default_rng(seed)

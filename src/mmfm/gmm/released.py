@@ -57,7 +57,8 @@ def import_released(path, out, *, allow_pickle: bool = False, channels: int = 76
         obj = pickle.load(f)  # noqa: S301 -- explicit opt-in above
     model = obj.get("model") if isinstance(obj, dict) else obj
     config = obj.get("config", {}) if isinstance(obj, dict) else {}
-    cov_type = (config.get("covariance_type") if isinstance(config, dict) else None) or getattr(model, "covariance_type", None)
+    config = config if isinstance(config, dict) else {}
+    cov_type = config.get("covariance_type") or getattr(model, "covariance_type", None)
     weights = _get(obj, model, "weights", "weights_")
     means = _get(obj, model, "means", "means_")
     variances = _get(obj, model, "variances", "covariances_")
@@ -82,7 +83,7 @@ def import_released(path, out, *, allow_pickle: bool = False, channels: int = 76
                          f"channels = {channels} and H = W; pass the encoder width with --channels")
     counts = _get(obj, model, "cluster_counts", "cluster_counts_")
     meta = {"kind": files.SPATIAL_KIND, "k": k, "grid": [side, side], "token_dim": channels,
-            "covariance": "spherical", "flip": bool(config.get("flip_augmentation", False)) if isinstance(config, dict) else False,
+            "covariance": "spherical", "flip": bool(config.get("flip_augmentation", False)),
             "weights_from": "cls", **sidecar}
     specs = {"weights": ((k,), np.float64), "means": ((k, hw, channels), np.float32),
              "variances": ((k,), np.float32), "counts": ((k,), np.int64)}
