@@ -17,15 +17,15 @@ import numpy as np
 
 from mmfm.data import shards
 
-
 _PIECE = 8192
 
 
 class ArrayRows:
-    """An in-memory ``(N, D)`` array; chunks are views (no copy)."""
+    """An in-memory ``(N, D)`` array (numpy, or CuPy once EM has uploaded it); chunks are views."""
 
     def __init__(self, array: np.ndarray, name: str = "data"):
-        if not isinstance(array, np.ndarray) or array.ndim != 2:
+        is_array = isinstance(array, np.ndarray) or hasattr(array, "__cuda_array_interface__")
+        if not is_array or array.ndim != 2:
             raise ValueError(f"{name}: expected a 2-D array (rows, features), got "
                              f"{getattr(array, 'shape', type(array).__name__)}")
         if not np.issubdtype(array.dtype, np.floating):

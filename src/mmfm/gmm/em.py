@@ -150,7 +150,7 @@ class Backend:
             except ImportError:
                 raise ValueError(f"device: {device!r} needs CuPy (pip install 'mmfm[gpu]'); "
                                  "or use --device cpu") from None
-            if cupy.cuda.runtime.getDeviceCount() < 1:
+            if not _cuda_available():
                 raise ValueError(f"device: {device!r} asked for, but CuPy sees no CUDA device")
             if ":" in device:
                 cupy.cuda.Device(int(device.split(":")[1])).use()
