@@ -75,3 +75,18 @@ def test_duplicate_seeds_leave_no_empty_component():
     x = np.repeat(data(6, n=50), 3, axis=0)  # every row three times
     g = initialize(x, 40, "from-data", seed=0)
     assert (g.weights > 0).all() and np.isfinite(g.means).all()
+
+
+def test_missing_cuml_falls_back_to_sklearn_with_one_line(monkeypatch, capsys):
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "cuml", None)  # import cuml raises ImportError
+    monkeypatch.setitem(sys.modules, "cuml.cluster", None)
+    gpu_like = types.SimpleNamespace(gpu=True, asarray=np.asarray)
+    x = data(7)
+    got = kmeans_centres(x, 6, "k-means++", seed=3, backend=gpu_like)
+    ref, _ = kmeans_plusplus(x, 6, random_state=3)
+    np.testing.assert_array_equal(got, ref)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mmfm: cuML not installed; k-means on the CPU with scikit-learn"]
