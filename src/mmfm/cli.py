@@ -83,6 +83,14 @@ def _import_gmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_digits(args: argparse.Namespace) -> int:
+    from mmfm.data.digits import export_digits
+
+    info = export_digits(args.out)
+    print(json.dumps(info) if args.json else f"wrote {info['images']} images in {info['classes']} classes to {args.out}")
+    return 0
+
+
 def _bench_gmm(args: argparse.Namespace) -> int:
     from mmfm.bench.gmm import bench_gmm
 
@@ -175,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--allow-pickle", action="store_true", help="I trust this file; unpickle it")
     imp.add_argument("--channels", type=int, default=768, help="encoder width of a spatial GMM (default: 768)")
     imp.set_defaults(func=_import_gmm)
+
+    dig = sub.add_parser("export-digits", help="write scikit-learn's bundled digits as a PNG class folder",
+                         description="The offline demo data: 1,797 8x8 digits in ten class folders, as PNG.")
+    dig.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    dig.add_argument("--json", action="store_true")
+    dig.set_defaults(func=_export_digits)
 
     bench = sub.add_parser("bench", help="measurements against named anchors").add_subparsers(
         dest="bench", required=True, metavar="target")
