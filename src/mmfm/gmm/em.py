@@ -434,7 +434,7 @@ def _reseed(passes: _Passes, gmm: DiagonalGMM, empty: np.ndarray, nk: np.ndarray
     _, _, per_row = passes.soft(gemm_weights(DiagonalGMM(weights, gmm.means, gmm.variances), summary.mean),
                                 rows_ll=True)
     worst = np.argsort(per_row, kind="stable")[: empty.size]
-    rows = gdata.gather(passes.source if not passes.be.gpu else _host_source(passes), worst)
+    rows = gdata.gather(_host_source(passes), worst)
     means, var, nk = gmm.means.copy(), gmm.variances.copy(), nk.copy()
     order = np.argsort(worst, kind="stable")  # gather returns rows sorted by index
     means[empty[order]] = rows
@@ -444,6 +444,7 @@ def _reseed(passes: _Passes, gmm: DiagonalGMM, empty: np.ndarray, nk: np.ndarray
 
 
 def _host_source(passes: _Passes):
+    """The pass's rows on the host (EM may have uploaded an in-memory array to the GPU)."""
     src = passes.source
     if isinstance(src, gdata.ArrayRows) and passes.be.gpu:
         return gdata.ArrayRows(passes.be.host(src.array), src.name)
@@ -461,10 +462,11 @@ def _check_settings(*, max_iter, tol, reg_covar, dtype):
         raise ValueError(f"dtype: expected float32 or float64, got {dtype!r}")
 
 
-def mean_log_likelihood(gmm: DiagonalGMM, data, dtype: str = "float64", device: str = "cpu") -> float:
+def mean_log_likelihood(gmm: DiagonalGMM, data, dtype: str = "float64", device: str = "cpu",
+                        summary: gdata.DataSummary | None = None) -> float:
     """``(1/N) sum_i log p(x_i)``, blockwise (float64 by default): the score both fits are judged by."""
     source = gdata.as_rows(data)
-    summary = gdata.summarize(source)
+    summary = summary or gdata.summarize(source)
     be = Backend(device)
     if gmm.dim != summary.dim:
         raise ValueError(f"gmm: the mixture has {gmm.dim} features but the data has {summary.dim}")

@@ -31,16 +31,16 @@ def _get(obj, model, key, attr):
     return None
 
 
-def _jsonable(value, depth: int = 0):
+def _plain_data(value, depth: int = 0):
     """The plain-data part of the pickle's config/metadata (numbers, strings, lists, dicts)."""
     if isinstance(value, (str, bool, int, float)) or value is None:
         return value
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, dict) and depth < 4:
-        return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
+        return {str(k): _plain_data(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)) and depth < 4 and len(value) < 1000:
-        return [_jsonable(v, depth + 1) for v in value]
+        return [_plain_data(v, depth + 1) for v in value]
     return repr(value)[:200]
 
 
@@ -64,8 +64,8 @@ def import_released(path, out, *, allow_pickle: bool = False, channels: int = 76
     variances = _get(obj, model, "variances", "covariances_")
     if weights is None or means is None or variances is None:
         raise ValueError(f"{path}: expected a GaussianMixture or a dict with model/means/variances/weights")
-    sidecar = {"imported_from": str(path), "config": _jsonable(config),
-               "metadata": _jsonable(obj.get("metadata", {}) if isinstance(obj, dict) else {})}
+    sidecar = {"imported_from": str(path), "config": _plain_data(config),
+               "metadata": _plain_data(obj.get("metadata", {}) if isinstance(obj, dict) else {})}
     weights = weights.astype(np.float64) / weights.sum()
 
     if variances.ndim == 2:  # CLS mixture, diagonal

@@ -29,7 +29,6 @@ of the estimator.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 from tqdm.auto import tqdm
 
-from mmfm import _checks
+from mmfm import _checks, io
 from mmfm.flow import (
     GaussianMixtureSource,
     GaussianSource,
@@ -229,21 +228,13 @@ def write_outputs(rows: list[dict], cfg: R10Config, out_dir: Path) -> dict[str, 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "r10.json", "csv": out_dir / "r10.csv", "png": out_dir / "r10.png"}
     payload = {"rows": rows, "claims": claims(rows), "config": asdict(cfg)}
-    _atomic_text(paths["json"], json.dumps(payload, indent=2))
-    tmp = paths["csv"].with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    io.write_json(paths["json"], payload)
+    with io.atomic_path(paths["csv"]) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(paths["csv"])
     _plot(rows, paths["png"])
     return paths
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -275,7 +266,6 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("R^10 toy: GMM source + mode coupling shortens the flow")
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
