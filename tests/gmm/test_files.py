@@ -134,3 +134,18 @@ def test_bench_gmm_cli_prints_one_json_line(capsys):
     for key in ("ours_s", "sklearn_s", "ours_per_iter_s", "speedup_vs_sklearn", "loglik_rel_diff", "gemm_bound_s"):
         assert result[key] > 0
     assert result["loglik_rel_diff"] < 1e-4  # the same algorithm from the same start
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_import_refuses_globals_a_gmm_pickle_does_not_need(tmp_path):
+    pkl = tmp_path / "evil.pkl"
+    pkl.write_bytes(pickle.dumps({"model": _Evil()}))
+    with pytest.raises(ValueError, match=r"evil\.pkl: refusing to load global (posix|os|nt)\.system"):
+        import_released(pkl, tmp_path / "out.safetensors", allow_pickle=True)
+    assert not (tmp_path / "out.safetensors").exists()

@@ -1,7 +1,9 @@
 """Import the released scikit-learn pickles (method.md §3.2-3.3) into our safetensors files.
 
 This is the one place that unpickles, and only when asked: unpickling runs code from the file, so
-:func:`import_released` refuses without ``allow_pickle=True`` and says so when it proceeds.
+:func:`import_released` refuses without ``allow_pickle=True`` and says so when it proceeds. Even
+then the unpickler resolves only the globals such a file needs (numpy, scipy and scikit-learn
+names, plain builtins), so a file naming ``os.system`` or the like is refused, not run.
 
 - ``gmm_n8192_diag_k-means++.pkl`` (CLS): ``model.weights_``, ``means_`` and ``covariances_`` (diag).
 - ``spatial_gmm_from_cls_n8192_diag_k-means++_flip.pkl`` (spatial, spherical): ``means`` flattened
@@ -21,6 +23,25 @@ import numpy as np
 from mmfm import io
 from mmfm.gmm import files
 from mmfm.gmm.em import DiagonalGMM
+
+
+_SAFE_BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "str", "bytes",
+                  "bytearray", "bool", "slice", "range", "object"}
+_SAFE_MODULES = ("numpy", "scipy", "sklearn")
+
+
+class _ReleasedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals a released GMM pickle needs."""
+
+    def find_class(self, module: str, name: str):
+        top = module.split(".")[0]
+        ok = (top in _SAFE_MODULES
+              or (module == "builtins" and name in _SAFE_BUILTINS)
+              or (module, name) in {("collections", "OrderedDict"), ("copyreg", "_reconstructor"),
+                                    ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta")})
+        if not ok:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not part of a GMM pickle")
+        return super().find_class(module, name)
 
 
 def _get(obj, model, key, attr):
@@ -54,7 +75,10 @@ def import_released(path, out, *, allow_pickle: bool = False, channels: int = 76
         raise ValueError(f"{path}: no such file")
     print(f"mmfm import-gmm: unpickling {path} (this executes code from the file)", file=sys.stderr)
     with open(path, "rb") as f:
-        obj = pickle.load(f)  # noqa: S301 -- explicit opt-in above
+        try:
+            obj = _ReleasedUnpickler(f).load()  # explicit opt-in above; globals restricted
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{path}: {err}") from None
     model = obj.get("model") if isinstance(obj, dict) else obj
     config = obj.get("config", {}) if isinstance(obj, dict) else {}
     config = config if isinstance(config, dict) else {}
