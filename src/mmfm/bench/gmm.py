@@ -72,7 +72,7 @@ def bench_gmm(n: int = 50000, d: int = 64, k: int = 256, iters: int = 10, seed: 
     x = synthetic(n, d, k, seed)
     init = initialize(x, k, "from-data", seed=seed, dtype="float32", device=device)
     be = Backend(device)
-    block_rows = default_block_rows(k, d, be.gpu, n, be.workers)
+    block_rows = default_block_rows(k, d, be.gpu, n)
 
     def run_ours():
         t = time.perf_counter()

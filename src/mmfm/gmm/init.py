@@ -95,7 +95,7 @@ def initialize(
     backend = Backend(device)
     centres = kmeans_centres(sample, k, method, seed, backend, kmeans_iter)
 
-    rows = default_block_rows(k, summary.dim, backend.gpu, summary.n, backend.workers)
+    rows = default_block_rows(k, summary.dim, backend.gpu, summary.n)
     passes = _Passes(source, summary, backend, dtype, rows)
     stats = passes.hard(centres)
     d = summary.dim
