@@ -107,6 +107,60 @@ def _bench_gmm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_encode(args: argparse.Namespace) -> int:
+    from mmfm.bench.encode import bench_encode
+
+    result = bench_encode(encoder=args.encoder, encoder_path=args.encoder_path, n=args.images,
+                          batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>26}: {value}")
+    print(json.dumps(result))
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace):
+    from mmfm.encoders import load_tokenizer
+
+    pixels = {"patch_size": args.patch_size, "pool": args.pool} if args.encoder == "pixels" else {}
+    return load_tokenizer(args.encoder, args.encoder_path, image_size=args.image_size, device=args.device,
+                          precision=args.precision, **{k: v for k, v in pixels.items() if v is not None})
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from mmfm.data.encode import encode_folder
+    from mmfm.encoders.normalization import load_norm_stats
+
+    norm = load_norm_stats(args.norm_stats) if args.norm_stats else None
+    meta = encode_folder(
+        args.images, args.out, _tokenizer(args), shard=args.shard, num_shards=args.num_shards, flip=args.flip,
+        norm=norm, dtype=args.dtype, batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+        on_bad_image=args.on_bad_image, min_side=args.min_side,
+        row_group_rows=args.row_group_rows, progress=not args.json)
+    line = {"out": args.out, "skipped": meta.get("skipped", False), "rows": meta["rows"],
+            "bad_images": meta["bad_images"]["count"], "encoder": meta["encoder"], "grid": meta["grid"],
+            "token_dim": meta["token_dim"], "cls_dim": meta["cls_dim"], "normalization": meta["normalization"]}
+    print(json.dumps(line) if args.json else
+          f"{'kept complete' if line['skipped'] else 'wrote'} {args.out}: {line['rows']} rows, "
+          f"{line['bad_images']} bad images skipped")
+    return 0
+
+
+def _norm_stats(args: argparse.Namespace) -> int:
+    from mmfm.data.encode import compute_norm_stats
+    from mmfm.io import read_header
+
+    compute_norm_stats(args.images, args.out, _tokenizer(args), num_images=args.num_images, seed=args.seed,
+                       flip=not args.no_flip, keep_mean=args.keep_mean, batch_size=args.batch_size,
+                       num_workers=args.workers, device=args.device, on_bad_image=args.on_bad_image,
+                       progress=not args.json)
+    meta = read_header(args.out)[1]
+    line = {"out": args.out, "grids": meta["grids"], "mean_kept": meta["mean_kept"],
+            "skipped_images": len(meta["skipped_images"])}
+    print(json.dumps(line) if args.json else f"wrote {args.out} from {line['grids']} token grids")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmfm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -184,6 +238,51 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--channels", type=int, default=768, help="encoder width of a spatial GMM (default: 768)")
     imp.set_defaults(func=_import_gmm)
 
+    def tokenizer_args(p):
+        p.add_argument("--images", required=True, help="class folder: one subfolder of images per class")
+        p.add_argument("--encoder", default="pixels", choices=["pixels", "dinov2", "siglip2", "mae"])
+        p.add_argument("--encoder-path", default=None,
+                       help="transformers encoder: a local folder, or a hub id already in the HF cache")
+        p.add_argument("--image-size", type=int, default=None,
+                       help="ADM center-crop size (default: 8 for pixels, 256 otherwise)")
+        p.add_argument("--patch-size", type=int, default=None, help="pixels: patch side (default 2)")
+        p.add_argument("--pool", type=int, default=None, help="pixels: descriptor grid side (default 2)")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                       help="bf16: the encoder under bf16 autocast")
+        p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"],
+                       help="skip (log and count) or stop at unreadable / too small images")
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+    enc = sub.add_parser("encode", help="encode (a shard of) an image folder into a Parquet latent shard",
+                         description="Images -> ADM center crop -> tokenizer -> (normalized) tokens and "
+                                     "descriptor, one Parquet shard per call.")
+    tokenizer_args(enc)
+    enc.add_argument("--out", required=True, help="output .parquet shard")
+    enc.add_argument("--shard", type=int, default=0, help="which shard of the folder's sorted images")
+    enc.add_argument("--num-shards", type=int, default=1)
+    enc.add_argument("--flip", action="store_true", help="also store each image's horizontal mirror")
+    enc.add_argument("--norm-stats", default=None, help="normalize tokens with these statistics "
+                     "(.safetensors from norm-stats, or RAE's stat.pt)")
+    enc.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="token storage")
+    enc.add_argument("--min-side", type=int, default=0,
+                     help="images whose short side is below this are bad images (default: upsample, as ADM)")
+    enc.add_argument("--row-group-rows", type=int, default=256)
+    enc.set_defaults(func=_encode)
+
+    ns = sub.add_parser("norm-stats", help="per-position token statistics for latent normalization",
+                        description="Welford (float64) over a seeded sample of the folder's images.")
+    tokenizer_args(ns)
+    ns.add_argument("--out", required=True, help="output .safetensors")
+    ns.add_argument("--num-images", type=int, default=50000)
+    ns.add_argument("--seed", type=int, default=0)
+    ns.add_argument("--no-flip", action="store_true", help="leave out the mirrored images")
+    ns.add_argument("--keep-mean", action="store_true",
+                    help="store the mean too (RAE's and MM-FM's default is variance-only)")
+    ns.set_defaults(func=_norm_stats)
+
     dig = sub.add_parser("export-digits", help="write scikit-learn's bundled digits as a PNG class folder",
                          description="The offline demo data: 1,797 8x8 digits in ten class folders, as PNG.")
     dig.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -206,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ours only, at N = 1.28M, D = 768, K = 8192 (synthetic; meant for a GPU)")
     bg.add_argument("--json", action="store_true", help="print only the JSON line")
     bg.set_defaults(func=_bench_gmm)
+
+    be = bench.add_parser("encode", help="encode throughput end to end vs the encoder alone; shard reads vs .npy",
+                          description="On synthetic ~500x375 JPEGs in a temporary folder; the default encoder is "
+                                      "a random DINOv2-with-registers ViT-S/14 at 224 px.")
+    be.add_argument("--encoder", default="dinov2", choices=["pixels", "dinov2", "siglip2", "mae"])
+    be.add_argument("--encoder-path", default=None, help="weights folder (default for dinov2: a random ViT-S/14)")
+    be.add_argument("--images", type=int, default=128)
+    be.add_argument("--batch-size", type=int, default=32)
+    be.add_argument("--workers", type=int, default=1, help="DataLoader processes")
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--json", action="store_true", help="print only the JSON line")
+    be.set_defaults(func=_bench_encode)
     return parser
 
 

@@ -1,0 +1,256 @@
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mmfm.cli import main
+from mmfm.data import shards
+from mmfm.data.digits import export_digits
+from mmfm.data.encode import compute_norm_stats, encode_folder
+from mmfm.data.images import center_crop_arr, list_images
+from mmfm.encoders import PixelTokenizer
+from mmfm.encoders.normalization import LatentNorm, load_norm_stats
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits"
+    export_digits(out)
+    return out
+
+
+def small_folder(root, n_per_class=(3, 4), size=(12, 10)):
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(n_per_class):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def read_all(path):
+    meta = shards.read_metadata(path)
+    cols = next(shards.iter_columns(path, ["image_id", "label", "path", "flip", "cls", "tokens"], rows=10**6))
+    cols["tokens"] = cols["tokens"].reshape(len(cols["tokens"]), -1, meta["token_dim"])
+    return meta, cols
+
+
+def test_digits_encode_is_exact_and_decodes_back_to_the_pngs(digits, tmp_path):
+    tok = PixelTokenizer(image_size=8, patch_size=2, pool=2)
+    out = tmp_path / "s.parquet"
+    meta = encode_folder(digits, out, tok, dtype="float32", batch_size=256, progress=False)
+    assert meta["rows"] == 1797 and meta["bad_images"]["count"] == 0
+    m, cols = read_all(out)
+    assert m == meta and m["grid"] == [4, 4] and m["token_dim"] == 12 and m["cls_dim"] == 12
+    items, _ = list_images(digits)
+    assert cols["image_id"].tolist() == list(range(1797))
+    assert cols["label"].tolist() == [i.label for i in items]
+    assert pq.ParquetFile(out).metadata.num_row_groups == -(-1797 // 256)
+    images = torch.from_numpy(np.stack([center_crop_arr(Image.open(i.path), 8) for i in items]))
+    x = images.permute(0, 3, 1, 2).double() / 255
+    back = tok.decode(torch.from_numpy(np.array(cols["tokens"])).double())
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-6)
+    cls, _ = tok.encode(x.float())
+    np.testing.assert_allclose(cols["cls"], cls.numpy(), rtol=0, atol=1e-6)
+
+
+def test_shards_partition_the_folder_and_stored_flips_mirror(digits, tmp_path):
+    tok = PixelTokenizer(image_size=8, patch_size=2, pool=2)
+    seen = []
+    for i in range(3):
+        encode_folder(digits, tmp_path / f"{i}.parquet", tok, shard=i, num_shards=3, flip=True, progress=False)
+        _, cols = read_all(tmp_path / f"{i}.parquet")
+        assert cols["flip"].tolist() == [False, True] * (len(cols["flip"]) // 2)
+        assert np.array_equal(cols["image_id"][0::2], cols["image_id"][1::2])
+        a = tok.decode(torch.from_numpy(cols["tokens"][0::2].astype(np.float32)))
+        b = tok.decode(torch.from_numpy(cols["tokens"][1::2].astype(np.float32)))
+        torch.testing.assert_close(b, a.flip(-1), rtol=0, atol=2e-3)  # float16 storage
+        seen.extend(cols["image_id"][0::2].tolist())
+    assert seen == list(range(1797))
+
+
+def test_complete_shard_is_not_redone_and_changed_settings_are(tmp_path):
+    root = small_folder(tmp_path / "img")
+    tok = PixelTokenizer(image_size=8)
+    out = tmp_path / "s.parquet"
+    first = encode_folder(root, out, tok, progress=False)
+    stamp = out.stat().st_mtime_ns
+    again = encode_folder(root, out, tok, progress=False)
+    assert again["skipped"] and again["settings_digest"] == first["settings_digest"]
+    assert out.stat().st_mtime_ns == stamp
+    changed = encode_folder(root, out, tok, dtype="float32", progress=False)
+    assert "skipped" not in changed and changed["settings_digest"] != first["settings_digest"]
+
+
+def make_bad_images(root):
+    small_folder(root)
+    (root / "class0" / "empty.png").write_bytes(b"")
+    (root / "class0" / "notes.jpg").write_text("not an image")
+    good = root / "class1" / "0.png"
+    data = good.read_bytes()
+    (root / "class1" / "truncated.png").write_bytes(data[: len(data) // 2])
+    Image.new("RGB", (3, 5)).save(root / "class1" / "tiny.png")
+    return {"class0/empty.png", "class0/notes.jpg", "class1/truncated.png", "class1/tiny.png"}
+
+
+def test_bad_images_skipped_logged_and_counted(tmp_path, capsys):
+    root = tmp_path / "img"
+    bad = make_bad_images(root)
+    out = tmp_path / "s.parquet"
+    meta = encode_folder(root, out, PixelTokenizer(image_size=8), min_side=8, progress=False, num_workers=1)
+    err = capsys.readouterr().err
+    assert meta["bad_images"]["count"] == 4 and meta["rows"] == 7
+    assert {os.path.relpath(p, root) for p in meta["bad_images"]["paths"]} == bad
+    assert all(str(root / b) in err for b in bad)
+    _, cols = read_all(out)
+    assert not set(cols["path"]) & bad and len(cols["path"]) == 7
+
+
+def test_bad_image_fail_writes_nothing(tmp_path):
+    root = tmp_path / "img"
+    make_bad_images(root)
+    out = tmp_path / "out" / "s.parquet"
+    with pytest.raises(ValueError, match="empty.png: bad image"):
+        encode_folder(root, out, PixelTokenizer(image_size=8), on_bad_image="fail", progress=False)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_an_error_mid_shard_leaves_no_file(tmp_path):
+    root = small_folder(tmp_path / "img", (20, 20))
+
+    class Broken(PixelTokenizer):
+        calls = 0
+
+        def encode(self, images):
+            Broken.calls += 1
+            if Broken.calls == 3:
+                raise RuntimeError("device lost")
+            return super().encode(images)
+
+    out = tmp_path / "out" / "s.parquet"
+    with pytest.raises(RuntimeError):
+        encode_folder(root, out, Broken(image_size=8), batch_size=4, row_group_rows=4, progress=False)
+    assert list(out.parent.iterdir()) == []
+
+
+def test_kill_9_leaves_no_file_that_looks_complete(tmp_path):
+    root = small_folder(tmp_path / "img", (40, 40))
+    out = tmp_path / "out" / "s.parquet"
+    script = f"""
+import time, sys
+from mmfm.data.encode import encode_folder
+from mmfm.encoders import PixelTokenizer
+class Slow(PixelTokenizer):
+    def encode(self, images):
+        print("batch", flush=True); time.sleep(0.2)
+        return super().encode(images)
+encode_folder({str(root)!r}, {str(out)!r}, Slow(image_size=8), batch_size=2, row_group_rows=2, progress=False)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    for _ in range(5):  # some row groups are on disk
+        assert proc.stdout.readline() == "batch\n"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    left = list(out.parent.iterdir())
+    assert all(p.name.startswith(".s.parquet.tmp") for p in left)
+    for p in left:  # what is left is not a readable shard
+        with pytest.raises(ValueError):
+            shards.read_metadata(p)
+
+
+def test_shard_opens_in_pandas_and_duckdb_with_metadata(tmp_path):
+    import duckdb
+    import pandas as pd
+
+    root = small_folder(tmp_path / "img")
+    out = tmp_path / "s.parquet"
+    encode_folder(root, out, PixelTokenizer(image_size=8), flip=True, progress=False)
+    df = pd.read_parquet(out)
+    assert list(df.columns) == ["image_id", "label", "path", "flip", "cls", "tokens"]
+    assert len(df) == 14 and df["path"][0] == "class0/0.png" and len(df["cls"][0]) == 12
+    _, cols = read_all(out)
+    grid = np.frombuffer(df["tokens"][3], np.float16).reshape(16, 12)  # the recipe in shards' docstring
+    assert np.array_equal(grid, cols["tokens"][3])
+    rows = duckdb.sql(f"select label, count(*) from '{out}' where not flip group by label order by label").fetchall()
+    assert rows == [(0, 3), (1, 4)]
+    assert duckdb.sql(f"select distinct octet_length(tokens) from '{out}'").fetchall() == [(16 * 12 * 2,)]
+    kv = dict(duckdb.sql(f"select decode(key), decode(value) from parquet_kv_metadata('{out}')").fetchall())
+    assert '"encoder": "pixels"' in kv["mmfm"]
+
+
+def test_norm_stats_welford_equals_direct_float64_and_round_trips(digits, tmp_path):
+    tok = PixelTokenizer(image_size=8, patch_size=2, pool=2)
+    path = tmp_path / "stat.safetensors"
+    norm = compute_norm_stats(digits, path, tok, num_images=500, seed=3, keep_mean=True, batch_size=64,
+                              progress=False)
+    items, _ = list_images(digits)
+    pick = np.sort(np.random.default_rng(3).permutation(len(items))[:500])
+    x = torch.from_numpy(np.stack([center_crop_arr(Image.open(items[i].path), 8) for i in pick]))
+    x = x.permute(0, 3, 1, 2).float() / 255
+    _, t = tok.encode(torch.cat([x, x.flip(-1)]))
+    t = t.double()
+    np.testing.assert_allclose(norm.var.numpy(), t.var(0, unbiased=True).numpy(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(norm.mean.numpy(), t.mean(0).numpy(), rtol=1e-6, atol=1e-7)
+    loaded = load_norm_stats(path)
+    assert torch.equal(loaded.var, norm.var) and torch.equal(loaded.mean, norm.mean)
+    z = torch.from_numpy(np.random.default_rng(0).standard_normal((5, 16, 12))).float()
+    torch.testing.assert_close(loaded.denormalize(loaded.normalize(z)), z, rtol=0, atol=1e-6)
+    zn = loaded.normalize(t.float())
+    live = norm.var > 1e-2  # the digits' border pixels are constant
+    assert abs(zn.mean().item()) < 1e-4 and torch.allclose(zn.var(0)[live], torch.ones(()), atol=1e-3)
+
+
+def test_variance_only_normalization_and_rae_stat_pt(tmp_path):
+    var = torch.rand(6, 2, 3) + 0.1  # (D, H, W) as RAE stores it
+    torch.save({"mean": None, "var": var}, tmp_path / "stat.pt")
+    norm = load_norm_stats(tmp_path / "stat.pt")
+    assert norm.mean is None and norm.shape == (6, 6)
+    z = torch.randn(4, 6, 6)
+    expected = z / torch.sqrt(var.flatten(1).T + 1e-5)  # token i = (h, w) row-major, channel last
+    torch.testing.assert_close(norm.normalize(z), expected)
+    torch.testing.assert_close(norm.denormalize(norm.normalize(z)), z, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="expected token grids"):
+        norm.normalize(torch.randn(4, 5, 6))
+    with pytest.raises(ValueError, match="no such normalization"):
+        load_norm_stats(tmp_path / "missing.safetensors")
+
+
+def test_encode_with_normalization_stores_normalized_tokens(tmp_path):
+    root = small_folder(tmp_path / "img")
+    tok = PixelTokenizer(image_size=8)
+    raw = encode_folder(root, tmp_path / "raw.parquet", tok, dtype="float32", progress=False)
+    norm = LatentNorm(np.full((16, 12), 4.0), np.full((16, 12), 0.25), source="test")
+    meta = encode_folder(root, tmp_path / "n.parquet", tok, dtype="float32", norm=norm, progress=False)
+    assert meta["normalization"]["mean"] and meta["normalization"]["eps"] == 1e-5
+    assert raw["settings_digest"] != meta["settings_digest"]
+    _, a = read_all(tmp_path / "raw.parquet")
+    _, b = read_all(tmp_path / "n.parquet")
+    np.testing.assert_allclose(b["tokens"], (a["tokens"] - 0.25) / np.sqrt(4.0 + 1e-5), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(a["cls"], b["cls"])  # the descriptor is never normalized
+    bad = LatentNorm(np.ones((4, 12)))
+    with pytest.raises(ValueError, match="do not fit"):
+        encode_folder(root, tmp_path / "x.parquet", tok, norm=bad, progress=False)
+
+
+def test_cli_encode_and_norm_stats(digits, tmp_path, capsys):
+    import json
+
+    stat = tmp_path / "stat.safetensors"
+    assert main(["norm-stats", "--images", str(digits), "--encoder", "pixels", "--image-size", "8",
+                 "--num-images", "200", "--out", str(stat), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["grids"] == 400
+    out = tmp_path / "s.parquet"
+    assert main(["encode", "--images", str(digits), "--encoder", "pixels", "--image-size", "8",
+                 "--norm-stats", str(stat), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 1797 and report["normalization"]["mean"] is False
+    assert main(["encode", "--images", str(digits), "--encoder", "dinov2", "--encoder-path",
+                 str(tmp_path / "no-such-model"), "--out", str(out)]) == 2
+    assert "no such directory" in capsys.readouterr().err
