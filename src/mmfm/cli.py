@@ -119,6 +119,69 @@ def _bench_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    from mmfm.train.released import import_released_checkpoint
+
+    meta = import_released_checkpoint(args.checkpoint, args.out, preset=args.preset, entry=args.entry,
+                                      num_classes=args.num_classes, conditioning=args.conditioning)
+    line = {k: meta.get(k) for k in ("preset", "conditioning", "num_classes", "in_channels", "num_tokens",
+                                     "time_convention", "entry", "num_parameters")}
+    print(json.dumps({"out": args.out, **line}) if args.json else
+          f"wrote {args.out}: {line['preset']}, {line['conditioning']} conditioning, "
+          f"{line['num_parameters']:,} parameters, {line['time_convention']} time convention (from '{line['entry']}')")
+    return 0
+
+
+def _fid(args: argparse.Namespace) -> int:
+    from mmfm.io import write_json
+    from mmfm.metrics.inception import fid_from_samples
+
+    res = fid_from_samples(args.samples, args.ref, weights=args.weights, batch_size=args.batch_size,
+                           device=args.device, progress=not args.json)
+    line = {"fid": res["fid"], "n": res["n"], "samples": args.samples, "reference": args.ref}
+    if args.out:
+        write_json(args.out, line)
+    print(json.dumps(line) if args.json else f"FID {line['fid']:.4f} over {line['n']} samples against {args.ref}")
+    return 0
+
+
+def _features_or_stats(path: str):
+    """``(mu, sigma, n)`` of a stats ``.npz`` (mu / sigma) or of a ``.npy`` feature array ``(n, D)``."""
+    import numpy as np
+
+    from mmfm.metrics.frechet import FeatureStats, load_stats
+
+    if path.endswith(".npy"):
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
+        if feats.ndim != 2:
+            raise ValueError(f"{path}: expected features of shape (n, D), got {feats.shape}")
+        st = FeatureStats(feats.shape[1]).update(feats)
+        return st.mu, st.sigma, st.n
+    st = load_stats(path)
+    return st.mu, st.sigma, st.meta.get("n")
+
+
+def _fd(args: argparse.Namespace) -> int:
+    from mmfm.metrics.frechet import frechet_distance
+
+    mu_a, s_a, n_a = _features_or_stats(args.a)
+    mu_b, s_b, n_b = _features_or_stats(args.b)
+    line = {"fd": frechet_distance(mu_a, s_a, mu_b, s_b), "a": args.a, "b": args.b, "n_a": n_a, "n_b": n_b}
+    print(json.dumps(line) if args.json else f"Frechet distance {line['fd']:.6g}")
+    return 0
+
+
+def _ref_stats(args: argparse.Namespace) -> int:
+    from mmfm.metrics.inception import ref_stats_from_folder
+
+    res = ref_stats_from_folder(args.images, args.out, size=args.size, weights=args.weights,
+                                batch_size=args.batch_size, device=args.device, num_workers=args.workers,
+                                progress=not args.json)
+    line = {"out": args.out, "n": res["n"]}
+    print(json.dumps(line) if args.json else f"wrote {args.out}: Inception statistics of {res['n']} images")
+    return 0
+
+
 def _tokenizer(args: argparse.Namespace):
     from mmfm.encoders import load_tokenizer
 
@@ -282,6 +345,52 @@ def build_parser() -> argparse.ArgumentParser:
     ns.add_argument("--keep-mean", action="store_true",
                     help="store the mean too (RAE's and MM-FM's default is variance-only)")
     ns.set_defaults(func=_norm_stats)
+
+    ick = sub.add_parser("import-checkpoint", help="convert a released RAE / MM-FM DiTDH checkpoint to safetensors",
+                         description="Reads the .pt with torch.load(weights_only=True), takes its EMA weights, "
+                                     "infers the architecture and writes .safetensors + .json; sampling wraps it "
+                                     "into the paper's time convention.")
+    ick.add_argument("--checkpoint", required=True, help="the released .pt")
+    ick.add_argument("--out", required=True, help="output .safetensors")
+    ick.add_argument("--preset", default=None, help="assert the DiTDH preset (default: inferred)")
+    ick.add_argument("--entry", default="ema", choices=["ema", "model"], help="weights to take (default: ema)")
+    ick.add_argument("--num-classes", type=int, default=None, help="assert the classes or modes K")
+    ick.add_argument("--conditioning", default=None, choices=["none", "class", "mode"],
+                     help="when the file name and config do not tell (an unconditional MM-FM network "
+                          "carries an unused K-row label table)")
+    ick.add_argument("--json", action="store_true")
+    ick.set_defaults(func=_import_checkpoint)
+
+    weights_help = ("pytorch-fid's FID Inception weights (default: $TORCH_HOME/hub/checkpoints/"
+                    "pt_inception-2015-12-05-6726825d.pth; never downloaded)")
+    fid = sub.add_parser("fid", help="FID of a sample .npz against reference mu/sigma (pytorch-fid's Inception)",
+                         description="ADM's VIRTUAL_imagenet256_labeled.npz works as the reference as is.")
+    fid.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC) or .npy of images")
+    fid.add_argument("--ref", required=True, help=".npz with mu and sigma")
+    fid.add_argument("--weights", default=None, help=weights_help)
+    fid.add_argument("--batch-size", type=int, default=50)
+    fid.add_argument("--device", default=None)
+    fid.add_argument("--out", default=None, help="also write the result as JSON here")
+    fid.add_argument("--json", action="store_true")
+    fid.set_defaults(func=_fid)
+
+    fd = sub.add_parser("fd", help="Frechet distance between two feature sets or statistics files",
+                        description="Each side: a .npy of features (n, D) or an .npz with mu and sigma.")
+    fd.add_argument("--a", required=True)
+    fd.add_argument("--b", required=True)
+    fd.add_argument("--json", action="store_true")
+    fd.set_defaults(func=_fd)
+
+    rs = sub.add_parser("ref-stats", help="Inception mu/sigma of an image folder (a custom FID reference)")
+    rs.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    rs.add_argument("--out", required=True, help="output .npz (mu, sigma)")
+    rs.add_argument("--size", type=int, default=256, help="ADM center-crop size (default: 256)")
+    rs.add_argument("--weights", default=None, help=weights_help)
+    rs.add_argument("--batch-size", type=int, default=50)
+    rs.add_argument("--workers", type=int, default=0)
+    rs.add_argument("--device", default=None)
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(func=_ref_stats)
 
     dig = sub.add_parser("export-digits", help="write scikit-learn's bundled digits as a PNG class folder",
                          description="The offline demo data: 1,797 8x8 digits in ten class folders, as PNG.")

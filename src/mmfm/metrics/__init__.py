@@ -1,0 +1,1 @@
+"""Metrics: Fréchet distances (pytorch-fid), FID with Inception, reference statistics."""

@@ -1,0 +1,186 @@
+"""Sampling (method.md §2.5, §3.6): source noise through the ODE, then the tokenizer's decoder.
+
+**Per-sample seeds.** Sample ``i`` of a set draws everything it needs (its mode from the mixture
+weights, or its class label, then its source noise) from its own CPU generator seeded by
+``(seed, i)`` (:func:`sample_seed`). A set of ``n`` samples is therefore the same whichever process
+computes which index and however they are batched: ``world_size`` processes take the indices
+``rank, rank + world_size, ...`` and :func:`merge_parts` puts them back in index order.
+
+**Conditioning.** ``none``: the network sees ``(x, t)``; ``mode``: it also sees each sample's GMM
+mode as ``y`` (the mode the noise was drawn from, MM-FM §3.6); ``class``: labels drawn uniformly (or
+given) as ``y``. The ODE state and the source noise are float32 (method.md §6.10); the velocity is
+whatever the caller passes (a DiTDH, an :class:`~mmfm.flow.guidance.Autoguidance` of two, a
+:class:`~mmfm.flow.guidance.ClassifierFreeGuidance`, a released network behind
+:class:`~mmfm.flow.path.RAEConvention`), always in the paper's convention (``t = 0`` source).
+
+Outputs: ADM's ``.npz`` (``arr_0`` uint8 ``(n, H, W, 3)``, ``arr_1`` labels for class-conditional
+sets) and a PNG grid of the first images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmfm.flow.solvers import SOLVERS, solve_ode
+from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
+from mmfm.flow.time import time_grid
+from mmfm.io import atomic_path
+
+CONDITIONINGS = ("none", "class", "mode")
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample ``index`` of the set drawn with ``seed`` (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class SampleSet:
+    """``latents (n, N, D)`` float32 at the indices ``index (n,)``; ``modes`` / ``labels`` ``(n,)`` or None."""
+
+    index: torch.Tensor
+    latents: torch.Tensor
+    modes: torch.Tensor | None
+    labels: torch.Tensor | None
+    nfe: int
+
+
+def draw_starts(source, indices, seed: int, *, conditioning: str = "none", num_classes: int = 0,
+                modes: torch.Tensor | None = None, labels: torch.Tensor | None = None):
+    """``(x0 (n, *event) float32, modes or None, labels or None)`` for the given sample indices, each
+    from its own generator (module doc); ``modes`` / ``labels`` of the whole set (indexed by sample
+    index) fix them instead of drawing."""
+    if conditioning not in CONDITIONINGS:
+        raise ValueError(f"conditioning: expected one of {CONDITIONINGS}, got {conditioning!r}")
+    gmm = isinstance(source, GaussianMixtureSource)
+    if conditioning == "mode" and not gmm:
+        raise ValueError("conditioning: 'mode' needs a Gaussian-mixture source")
+    if conditioning == "class" and num_classes < 1 and labels is None:
+        raise ValueError("num_classes: class-conditional sampling needs num_classes > 0 or given labels")
+    xs, ks, ys = [], [], []
+    for i in indices:
+        g = torch.Generator().manual_seed(sample_seed(seed, int(i)))
+        if gmm:
+            k = modes[i:i + 1] if modes is not None else source.sample_modes(1, g)
+            x0, k = source.sample(1, modes=k, generator=g)
+            ks.append(k.cpu())
+        else:
+            if modes is not None:
+                raise ValueError("modes: a Gaussian source has no modes")
+            x0, _ = source.sample(1, generator=g)
+        if conditioning == "class":
+            ys.append(labels[i:i + 1].long() if labels is not None else
+                      torch.randint(num_classes, (1,), generator=g))
+        xs.append(x0.float())
+    empty = torch.zeros(0, dtype=torch.long)
+    k = torch.cat(ks) if ks else (empty if gmm else None)
+    y = (torch.cat(ys) if ys else empty) if conditioning == "class" else None
+    return torch.cat(xs) if xs else torch.zeros(0, *source.event_shape), k, y
+
+
+def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str = "none", num_classes: int = 0,
+                   modes: torch.Tensor | None = None, labels: torch.Tensor | None = None, steps: int = 50,
+                   method: str = "euler", shift: float = 1.0, end: float = 1.0, batch_size: int = 64,
+                   rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                   progress: bool = False) -> SampleSet:
+    """This process's part (indices ``rank::world_size``) of an ``n``-sample set: noise from ``source``
+    (a :class:`GaussianSource` or :class:`GaussianMixtureSource`) integrated from ``t = 0`` over
+    ``time_grid(steps, shift, end)`` with ``method`` (``euler``, ``heun``, ``midpoint``, ``dopri5``)."""
+    from tqdm.auto import tqdm
+
+    if not isinstance(source, (GaussianSource, GaussianMixtureSource)):
+        raise ValueError(f"source: expected a GaussianSource or GaussianMixtureSource, got {type(source).__name__}")
+    if method not in SOLVERS:
+        raise ValueError(f"method: expected one of {SOLVERS}, got {method!r}")
+    for key, value in (("n", n), ("batch_size", batch_size), ("world_size", world_size)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{key}: expected a positive integer, got {value!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size = {world_size}, got {rank}")
+    for name, given in (("modes", modes), ("labels", labels)):
+        if given is not None and tuple(given.shape) != (n,):
+            raise ValueError(f"{name}: expected shape ({n},) (one per sample of the set), got {tuple(given.shape)}")
+    grid = time_grid(steps, shift=shift, end=end, device=device, dtype=torch.float32)
+    mine = torch.arange(rank, n, world_size)
+    out, ks, ys, nfe = [], [], [], 0
+    for lo in tqdm(range(0, len(mine), batch_size), desc="sample", unit="batch", disable=not progress):
+        idx = mine[lo:lo + batch_size]
+        x0, k, y = draw_starts(source, idx.tolist(), seed, conditioning=conditioning, num_classes=num_classes,
+                               modes=modes, labels=labels)
+        cond = {"mode": k, "class": y}.get(conditioning)
+        kw = {} if cond is None else {"y": cond.to(device)}
+        with torch.no_grad():
+            res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
+        out.append(res.x.float().cpu())
+        nfe += res.nfe
+        if k is not None:
+            ks.append(k)
+        if y is not None:
+            ys.append(y)
+    cat = (lambda parts: torch.cat(parts) if parts else None)  # noqa: E731
+    return SampleSet(mine, cat(out) if out else torch.zeros(0, *source.event_shape), cat(ks), cat(ys), nfe)
+
+
+def merge_parts(parts: list[SampleSet]) -> SampleSet:
+    """The parts of several processes as one set in sample-index order (each index exactly once)."""
+    index = torch.cat([p.index for p in parts])
+    order = torch.argsort(index)
+    if not torch.equal(index[order], torch.arange(len(index))):
+        raise ValueError("parts: expected every sample index 0 .. n-1 exactly once")
+    pick = (lambda name: None if getattr(parts[0], name) is None else  # noqa: E731
+            torch.cat([getattr(p, name) for p in parts])[order])
+    return SampleSet(index[order], pick("latents"), pick("modes"), pick("labels"), sum(p.nfe for p in parts))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images ``(B, 3, H, W)`` in [0, 1] (clamped here, at save time) -> uint8 ``(B, H, W, 3)``, rounded."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def decode_latents(tokenizer, latents: torch.Tensor, norm=None, batch_size: int = 64) -> np.ndarray:
+    """Latents ``(n, N, D)`` -> uint8 images ``(n, H, W, 3)``: undo the latent normalization (if the
+    shards were normalized), then the tokenizer's decoder."""
+    out = []
+    for lo in range(0, len(latents), batch_size):
+        z = latents[lo:lo + batch_size]
+        if norm is not None:
+            z = norm.denormalize(z)
+        with torch.no_grad():
+            out.append(to_uint8(tokenizer.decode(z)))
+    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+
+
+def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+    """ADM's sample file: ``arr_0`` uint8 ``(n, H, W, 3)`` and, for class-conditional sets, ``arr_1``."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: expected uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=images, **({} if labels is None else {"arr_1": np.asarray(labels)}))
+    return path
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, max_images: int = 64) -> Path:
+    """The first ``max_images`` of uint8 ``(n, H, W, 3)`` as a square-ish PNG grid."""
+    from PIL import Image
+
+    imgs = images[:max_images]
+    if not len(imgs):
+        raise ValueError("images: nothing to put in a grid")
+    cols = int(np.ceil(np.sqrt(len(imgs))))
+    rows = -(-len(imgs) // cols)
+    h, w = imgs.shape[1:3]
+    canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, c = divmod(i, cols)
+        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(canvas).save(tmp, format="PNG")
+    return path

@@ -1,0 +1,1 @@
+"""Training: schedules, EMA, checkpoints, the loop, distributed launch (issue 5)."""
