@@ -104,3 +104,32 @@ def test_decoded_pixels_round_trip_and_adm_files(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         save_npz(tmp_path / "bad.npz", images.astype(np.float32))
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_sample_command_end_to_end(tmp_path, capsys):
+    import json
+
+    from mmfm import io
+    from mmfm.cli import main
+    from mmfm.models.ditdh import build_ditdh
+
+    torch.manual_seed(0)
+    net = build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16, conditioning="mode", num_classes=3)
+    torch.save({"ema": net.state_dict()}, tmp_path / "mode-gmm-1k.pt")
+    model = tmp_path / "v.safetensors"
+    assert main(["import-checkpoint", "--checkpoint", str(tmp_path / "mode-gmm-1k.pt"), "--out", str(model)]) == 0
+    source = gmm(shape=(16, 12))
+    io.save_tensors(tmp_path / "spatial.safetensors", {"weights": source.weights.numpy(),
+                                                       "means": source.means.numpy(),
+                                                       "variances": source.variances.numpy()})
+    args = ["sample", "--model", str(model), "--source", str(tmp_path / "spatial.safetensors"), "--n", "5",
+            "--steps", "3", "--batch-size", "2", "--encoder", "pixels", "--image-size", "8", "--json"]
+    assert main(args + ["--out", str(tmp_path / "a.npz"), "--grid", str(tmp_path / "a.png")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["conditioning"] == "mode" and line["image_shape"] == [8, 8, 3] and line["nfe_per_sample"] == 3
+    assert main(args + ["--out", str(tmp_path / "b.npz"), "--batch-size", "5"]) == 0  # other batching
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
+        assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+    assert (tmp_path / "a.png").is_file()
+    assert main(args[:-1] + ["--out", str(tmp_path / "c.npz"), "--source", "gaussian"]) == 2
+    assert "needs a Gaussian-mixture" in capsys.readouterr().err

@@ -182,12 +182,26 @@ def _ref_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    from mmfm.encoders.normalization import load_norm_stats
+    from mmfm.sample import sample_run
+
+    res = sample_run(args.model, args.out, _tokenizer(args), source=args.source, n=args.n, seed=args.seed,
+                     steps=args.steps, method=args.method, shift=args.shift, end=args.end, guide=args.guide,
+                     guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
+                     cfg_scale=args.cfg_scale, norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
+                     batch_size=args.batch_size, device=args.device, grid=args.grid, progress=not args.json)
+    print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
+    return 0
+
+
 def _tokenizer(args: argparse.Namespace):
     from mmfm.encoders import load_tokenizer
 
     pixels = {"patch_size": args.patch_size, "pool": args.pool} if args.encoder == "pixels" else {}
     return load_tokenizer(args.encoder, args.encoder_path, image_size=args.image_size, device=args.device,
-                          precision=args.precision, **{k: v for k, v in pixels.items() if v is not None})
+                          precision=args.precision, decoder=getattr(args, "decoder", None),
+                          **{k: v for k, v in pixels.items() if v is not None})
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -301,8 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--channels", type=int, default=768, help="encoder width of a spatial GMM (default: 768)")
     imp.set_defaults(func=_import_gmm)
 
-    def tokenizer_args(p):
-        p.add_argument("--images", required=True, help="class folder: one subfolder of images per class")
+    def tokenizer_args(p, images: bool = True):
+        if images:
+            p.add_argument("--images", required=True, help="class folder: one subfolder of images per class")
+            p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images")
+            p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"],
+                           help="skip (log and count) or stop at unreadable / too small images")
         p.add_argument("--encoder", default="pixels", choices=["pixels", "dinov2", "siglip2", "mae"])
         p.add_argument("--encoder-path", default=None,
                        help="transformers encoder: a local folder, or a hub id already in the HF cache")
@@ -311,12 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--patch-size", type=int, default=None, help="pixels: patch side (default 2)")
         p.add_argument("--pool", type=int, default=None, help="pixels: descriptor grid side (default 2)")
         p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images")
         p.add_argument("--device", default="cpu")
         p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                        help="bf16: the encoder under bf16 autocast")
-        p.add_argument("--on-bad-image", default="skip", choices=["skip", "fail"],
-                       help="skip (log and count) or stop at unreadable / too small images")
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
     enc = sub.add_parser("encode", help="encode (a shard of) an image folder into a Parquet latent shard",
@@ -360,6 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
                           "carries an unused K-row label table)")
     ick.add_argument("--json", action="store_true")
     ick.set_defaults(func=_import_checkpoint)
+
+    smp = sub.add_parser("sample", help="samples of an exported velocity network, decoded to ADM .npz",
+                         description="Per-sample seeds: the set does not depend on batching or processes.")
+    tokenizer_args(smp, images=False)
+    smp.add_argument("--model", required=True, help="velocity network .safetensors (import-checkpoint or train)")
+    smp.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC; arr_1 labels if class-cond.)")
+    smp.add_argument("--source", default="gaussian", help="'gaussian' or a GMM .safetensors (spatial GMM)")
+    smp.add_argument("--n", type=int, default=64)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--steps", type=int, default=50)
+    smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5"])
+    smp.add_argument("--shift", type=float, default=1.0, help="time shift of the grid")
+    smp.add_argument("--end", type=float, default=1.0, help="last time of the grid (RAE: 0.999 before shift)")
+    smp.add_argument("--guide", default=None, help="autoguidance: the guide network .safetensors")
+    smp.add_argument("--guidance-scale", type=float, default=1.0)
+    smp.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0))
+    smp.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (class models)")
+    smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding")
+    smp.add_argument("--decoder", default=None, help="RAE decoder checkpoint (transformers tokenizers)")
+    smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
+    smp.set_defaults(func=_sample)
 
     weights_help = ("pytorch-fid's FID Inception weights (default: $TORCH_HOME/hub/checkpoints/"
                     "pt_inception-2015-12-05-6726825d.pth; never downloaded)")
