@@ -195,6 +195,18 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_train(args: argparse.Namespace) -> int:
+    from mmfm.bench.train import bench_train
+
+    result = bench_train(preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                         in_channels=args.channels, num_tokens=args.tokens, device=args.device, compile=args.compile)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>26}: {value}")
+    print(json.dumps(result))
+    return 0
+
+
 def _tokenizer(args: argparse.Namespace):
     from mmfm.encoders import load_tokenizer
 
@@ -463,6 +475,20 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--json", action="store_true", help="print only the JSON line")
     be.set_defaults(func=_bench_encode)
+
+    bt = bench.add_parser("train", help="training steps/s, samples/s, counted FLOPs per sample and MFU (GPU)",
+                          description="One AdamW training step of a DiTDH preset on synthetic latents "
+                                      "(bf16 autocast on CUDA).")
+    bt.add_argument("--preset", default="ditdh-s", help="ditdh-s, -b, -l, -xl, -demo, -tiny (default: %(default)s)")
+    bt.add_argument("--batch", type=int, default=8, help="micro-batch (default: %(default)s)")
+    bt.add_argument("--steps", type=int, default=5, help="timed steps")
+    bt.add_argument("--warmup", type=int, default=2)
+    bt.add_argument("--channels", type=int, default=768, help="latent token width")
+    bt.add_argument("--tokens", type=int, default=256, help="latent tokens (a square)")
+    bt.add_argument("--device", default=None, help="default: cuda if available")
+    bt.add_argument("--compile", action="store_true", help="torch.compile the network")
+    bt.add_argument("--json", action="store_true", help="print only the JSON line")
+    bt.set_defaults(func=_bench_train)
     return parser
 
 
