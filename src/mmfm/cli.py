@@ -207,6 +207,61 @@ def _bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_config(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{path}: no such config file")
+    try:
+        cfg = yaml.safe_load(p.read_text())  # JSON is YAML too
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML/JSON ({err})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings")
+    return cfg.get("train", cfg) if isinstance(cfg.get("train"), dict) else cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    import os
+
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # one process per device through torchrun's elastic launcher: no wrapper script for Snakemake / SLURM
+        from torch.distributed.run import main as torchrun
+
+        argv = [a for a in sys.argv[1:]]
+        i = argv.index("--nproc")
+        del argv[i:i + 2]
+        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mmfm.cli", *argv])
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
+
+    cfg = _read_config(args.config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
+                    max_steps=args.max_steps, device=args.device)
+    except TrainingInterrupted as stop:
+        print(f"mmfm train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except NonFiniteLoss as err:
+        print(f"mmfm train: error: {err}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    line = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.items() if k != "losses"}
+    line["final_loss"] = res["losses"][-1] if res["losses"] else None
+    print(json.dumps(line) if args.json else
+          f"{'finished' if res['done'] else 'stopped'} at step {res['step']}: checkpoint {res['checkpoint']}"
+          + (f", EMA weights {res['ema']}" if res["ema"] else ""))
+    return 0
+
+
 def _tokenizer(args: argparse.Namespace):
     from mmfm.encoders import load_tokenizer
 
@@ -387,6 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "carries an unused K-row label table)")
     ick.add_argument("--json", action="store_true")
     ick.set_defaults(func=_import_checkpoint)
+
+    tr = sub.add_parser("train", help="train one run (flow matching over latent shards; resumable)",
+                        description="Resumes from the latest checkpoint in --out. SIGTERM / SIGUSR1 checkpoint "
+                                    "and exit with 128 + signal; a non-finite loss exits 3, keeping the last good "
+                                    "checkpoint.")
+    tr.add_argument("--config", required=True, help="YAML/JSON training settings (a run's `train` section)")
+    tr.add_argument("--shards", required=True, nargs="+", help="Parquet shard file(s), folder or glob")
+    tr.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, ema.safetensors")
+    tr.add_argument("--max-steps", type=int, default=None, help="steps in this call (time-boxed jobs)")
+    tr.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    tr.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) through torchrun's launcher")
+    tr.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=_train)
 
     smp = sub.add_parser("sample", help="samples of an exported velocity network, decoded to ADM .npz",
                          description="Per-sample seeds: the set does not depend on batching or processes.")

@@ -1,0 +1,214 @@
+"""A typed view of one run's training configuration (design.md §5; defaults from method.md §2.3-2.4).
+
+Built from a plain dict (one ``runs.<name>`` entry of ``config.yaml``, flattened) with
+:meth:`TrainConfig.from_dict`; an unknown key, a wrong type or a value out of range is a ``ValueError``
+that names the key. Keys (defaults in brackets):
+
+- batch: ``global_batch`` [1024] (fixed by the config, never by the number of ranks),
+  ``micro_batch_max`` [64] (the largest per-rank forward pass), ``steps`` [1000] optimizer updates;
+- learning rate (:class:`~mmfm.train.schedule.LRSchedule`, in steps): ``lr`` [2e-4], ``final_lr`` [lr],
+  ``initial_lr`` [lr], ``initial_steps`` [0], ``decay_start`` [0], ``decay_end`` [0];
+- AdamW: ``betas`` [(0.9, 0.95)], ``weight_decay`` [0.0], ``eps`` [1e-8]; ``grad_clip`` [1.0] (0 = off);
+- EMA (:class:`~mmfm.train.schedule.EMASchedule`): ``ema_decay`` [0.9995], ``ema_initial_decay``
+  [ema_decay], ``ema_initial_steps`` [0];
+- time (paper convention, t = 0 source): ``time_dist`` [``logit_normal``] or ``uniform``, ``time_mu`` [0],
+  ``time_sigma`` [1], ``time_interval`` [(0.001, 1.0)] (RAE's ``[0, 1 - 1/1000]``), ``time_shift``
+  [``"auto"``: ``sqrt(N * D / 4096)``, at least 1] or a number;
+- source: ``source`` [``gaussian``] or ``gmm`` with ``gmm`` (the spatial GMM file, ``(K, N, D)`` means);
+  ``cls_gmm`` (the CLS GMM file) gives the modes of mode coupling;
+- ``coupling`` [``independent``], ``mode-soft``, ``mode-hard`` (method.md §3.4) or ``ot`` (minibatch OT);
+- ``conditioning`` [``none``], ``class`` (``num_classes``, ``class_dropout_prob`` [0.0]) or ``mode``;
+- model: ``model`` [``ditdh-tiny``], a DiTDH preset or ``mlp``; ``model_overrides`` [{}] (keyword
+  arguments of ``build_ditdh`` / ``VelocityMLP``);
+- data: ``shuffle`` [True], ``buffer_rows`` [4096];
+- ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
+  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmfm.models.ditdh import PRESETS
+
+SOURCES = ("gaussian", "gmm")
+COUPLINGS = ("independent", "mode-soft", "mode-hard", "ot")
+CONDITIONINGS = ("none", "class", "mode")
+PRECISIONS = ("fp32", "bf16")
+TIME_DISTS = ("logit_normal", "uniform")
+MODELS = tuple(PRESETS) + ("mlp",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run's training settings; see the module docstring for every key."""
+
+    global_batch: int = 1024
+    micro_batch_max: int = 64
+    steps: int = 1000
+    lr: float = 2e-4
+    final_lr: float | None = None
+    initial_lr: float | None = None
+    initial_steps: int = 0
+    decay_start: int = 0
+    decay_end: int = 0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9995
+    ema_initial_decay: float | None = None
+    ema_initial_steps: int = 0
+    time_dist: str = "logit_normal"
+    time_mu: float = 0.0
+    time_sigma: float = 1.0
+    time_interval: tuple[float, float] = (1e-3, 1.0)
+    time_shift: float | str = "auto"
+    source: str = "gaussian"
+    gmm: str | None = None
+    cls_gmm: str | None = None
+    coupling: str = "independent"
+    conditioning: str = "none"
+    num_classes: int = 0
+    class_dropout_prob: float = 0.0
+    model: str = "ditdh-tiny"
+    model_overrides: dict = field(default_factory=dict)
+    shuffle: bool = True
+    buffer_rows: int = 4096
+    seed: int = 0
+    checkpoint_every: int = 1000
+    keep_last: int = 2
+    log_every: int = 10
+    precision: str = "fp32"
+    compile: bool = False
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | "TrainConfig") -> "TrainConfig":
+        """Validate and build; unknown keys are refused (a typo must not silently fall back to a default)."""
+        if isinstance(d, TrainConfig):
+            return d
+        if not isinstance(d, dict):
+            raise ValueError(f"train config: expected a mapping, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        kw = dict(d)
+        for key in ("betas", "time_interval"):
+            if key in kw:
+                v = kw[key]
+                if not (isinstance(v, (list, tuple)) and len(v) == 2):
+                    raise ValueError(f"{key}: expected a pair of numbers, got {v!r}")
+                kw[key] = tuple(v)
+        if "model_overrides" in kw:
+            if not isinstance(kw["model_overrides"], dict):
+                raise ValueError(f"model_overrides: expected a mapping, got {kw['model_overrides']!r}")
+            kw["model_overrides"] = dict(kw["model_overrides"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples as lists), the inverse of :meth:`from_dict`."""
+        out = dataclasses.asdict(self)
+        for key in ("betas", "time_interval"):
+            out[key] = list(out[key])
+        return out
+
+    def __post_init__(self):
+        ints = dict(global_batch=1, micro_batch_max=1, steps=0, initial_steps=0, decay_start=0, decay_end=0,
+                    ema_initial_steps=0, num_classes=0, buffer_rows=0, seed=0, checkpoint_every=1,
+                    keep_last=1, log_every=1)
+        for key, lo in ints.items():
+            v = getattr(self, key)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
+        for key in ("lr", "final_lr", "initial_lr", "weight_decay", "eps", "grad_clip", "ema_decay",
+                    "ema_initial_decay", "time_mu", "time_sigma", "class_dropout_prob"):
+            v = getattr(self, key)
+            if v is None and key in ("final_lr", "initial_lr", "ema_initial_decay"):
+                continue
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"{key}: expected a finite number, got {v!r}")
+        for key in ("lr", "eps", "time_sigma"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key}: expected a positive number, got {getattr(self, key)!r}")
+        for key in ("final_lr", "initial_lr", "weight_decay", "grad_clip"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{key}: expected a number >= 0, got {getattr(self, key)!r}")
+        for key in ("ema_decay", "ema_initial_decay"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v <= 1:
+                raise ValueError(f"{key}: expected a decay in [0, 1], got {v!r}")
+        if not 0 <= self.class_dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob: expected a value in [0, 1), got {self.class_dropout_prob!r}")
+        if not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {self.betas!r}")
+        lo, hi = self.time_interval
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo < hi <= 1):
+            raise ValueError(f"time_interval: expected 0 <= lo < hi <= 1, got {self.time_interval!r}")
+        if self.time_shift != "auto" and not (isinstance(self.time_shift, (int, float))
+                                              and not isinstance(self.time_shift, bool)
+                                              and math.isfinite(self.time_shift) and self.time_shift > 0):
+            raise ValueError(f"time_shift: expected 'auto' or a positive number, got {self.time_shift!r}")
+        for key, choices in (("time_dist", TIME_DISTS), ("source", SOURCES), ("coupling", COUPLINGS),
+                             ("conditioning", CONDITIONINGS), ("precision", PRECISIONS), ("model", MODELS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in ("shuffle", "compile"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
+        for key in ("gmm", "cls_gmm"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{key}: expected a file path, got {v!r}")
+        # combinations
+        if self.source == "gmm" and not self.gmm:
+            raise ValueError("gmm: source 'gmm' needs the spatial GMM file (key gmm)")
+        if self.source == "gaussian" and self.gmm:
+            raise ValueError("gmm: a GMM file is given but source is 'gaussian'; set source: gmm or drop gmm")
+        if self.coupling.startswith("mode"):
+            if self.source != "gmm":
+                raise ValueError(f"coupling: {self.coupling!r} needs source 'gmm' (noise from the data's mode)")
+            if not self.cls_gmm:
+                raise ValueError(f"cls_gmm: coupling {self.coupling!r} needs the CLS GMM file (its posterior "
+                                 "over each image's CLS token picks the mode)")
+        if self.conditioning == "mode" and self.source != "gmm":
+            raise ValueError("conditioning: 'mode' needs source 'gmm' (the mode the noise is drawn from)")
+        if self.conditioning == "class" and self.num_classes < 1:
+            raise ValueError("num_classes: conditioning 'class' needs num_classes >= 1")
+        if self.conditioning != "class" and self.class_dropout_prob > 0:
+            raise ValueError("class_dropout_prob: only class conditioning has a null label")
+        if self.model == "mlp" and self.conditioning != "none":
+            raise ValueError("model: the 'mlp' velocity is unconditional; use a DiTDH preset for conditioning")
+        if not 0 <= self.initial_steps <= self.decay_start <= self.decay_end:
+            raise ValueError("initial_steps, decay_start, decay_end: expected 0 <= initial_steps <= decay_start "
+                             f"<= decay_end, got {self.initial_steps}, {self.decay_start}, {self.decay_end}")
+
+    # ------------------------------------------------------------------------------------------
+    def lr_schedule(self):
+        from mmfm.train.schedule import LRSchedule
+
+        final = self.lr if self.final_lr is None else self.final_lr
+        initial = self.lr if self.initial_lr is None else self.initial_lr
+        return LRSchedule(self.lr, final, initial, self.initial_steps, self.decay_start, self.decay_end)
+
+    def ema_schedule(self):
+        from mmfm.train.schedule import EMASchedule
+
+        initial = self.ema_decay if self.ema_initial_decay is None else self.ema_initial_decay
+        return EMASchedule(self.ema_decay, initial, self.ema_initial_steps)
+
+    def shift(self, dim: int) -> float:
+        """The time shift for latents of ``dim = N * D`` scalars: the number, or ``max(1, sqrt(dim / 4096))``."""
+        if self.time_shift == "auto":
+            from mmfm.flow.time import shift_factor
+
+            return max(1.0, shift_factor(dim))
+        return float(self.time_shift)
+
+
+#: Keys that may change between a run and its resumption (they do not change what was trained so far).
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile")

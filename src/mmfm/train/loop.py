@@ -1,0 +1,407 @@
+"""The training loop (method.md §2.3-2.4, §3.4-3.5; design.md §2, §6).
+
+One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micro * accumulation``):
+
+1. the next ``B`` rows of the :class:`~mmfm.data.stream.ShardStream`: ``x1 = tokens (B, N, D)``, and the
+   CLS descriptors ``cls (B, Dc)`` (mode coupling) or the labels ``label (B,)`` (class conditioning);
+2. coupling ``(x0, x1, modes) = coupling(x1, cls)``, times ``t ~ TimeSampler (B,)`` (shifted),
+   ``x_t = (1 - t) x0 + t x1``, target ``u = x1 - x0`` (paper convention, t = 0 is the source), all
+   drawn for the whole per-rank batch at once from one ``torch.Generator`` seeded by ``(seed, rank)``;
+   so the accumulation split changes no random draw and no row, only how the batch is cut;
+3. ``accumulation`` micro-steps of ``micro`` rows: forward (bf16 autocast on CUDA when asked), loss
+   ``velocity_loss * micro / B`` (the per-rank mean), backward (DDP ``no_sync`` on all but the last);
+4. clip the gradient norm, AdamW step, LR scheduler step (``LambdaLR`` with
+   :meth:`~mmfm.train.schedule.LRSchedule.factor`), EMA update with the decay of this step.
+
+The velocity network sees ``y = modes`` (mode conditioning), ``y = label`` (class conditioning, with a
+dropout mask drawn from the same generator for CFG) or nothing.
+
+Resume: every ``checkpoint_every`` steps (and at the end) the model, EMA, AdamW, scheduler, step, the
+stream's position, every rank's generators and the config go to ``out_dir/step-XXXXXXX`` through
+:func:`~mmfm.train.checkpoint.save_checkpoint`; ``train(..., resume=True)`` continues from the latest one,
+bit for bit on the CPU. SIGTERM / SIGUSR1 finish the step, checkpoint and raise
+:class:`TrainingInterrupted` (``exit_code = 128 + signum``); a non-finite loss or gradient raises
+:class:`NonFiniteLoss` before the bad update is applied, leaving the last checkpoint as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mmfm.data.stream import ShardStream
+from mmfm.flow.couplings import make_coupling
+from mmfm.flow.loss import velocity_loss
+from mmfm.flow.path import LinearPath
+from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
+from mmfm.flow.time import TimeSampler
+from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_checkpoint, load_checkpoint,
+                                   save_checkpoint)
+from mmfm.train.config import RESUMABLE_CHANGES, TrainConfig
+from mmfm.train.ema import EMA
+from mmfm.train.schedule import derive_batch
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.csv"
+METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s")
+EMA_EXPORT = "ema.safetensors"
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingInterrupted(RuntimeError):
+    """A stop signal was handled: the step finished and a checkpoint was written. Exit with ``exit_code``."""
+
+    def __init__(self, step: int, signum: int, checkpoint: Path | None):
+        name = signal.Signals(signum).name
+        super().__init__(f"training interrupted by {name} after step {step}; checkpoint {checkpoint} written, "
+                         "rerun the same command to resume from it")
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        self.exit_code = 128 + int(signum)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm of a step was not finite; the update was not applied."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, checkpoint: Path | None):
+        super().__init__(f"non-finite loss {loss} (gradient norm {grad_norm}) at step {step} (0-based); the update "
+                         f"was not applied and the last good checkpoint {checkpoint} is kept; lower the learning "
+                         "rate, check the data, or use fp32")
+        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ building blocks
+
+
+def derived_seed(seed: int, *tags: int) -> int:
+    """A 63-bit seed for ``(seed, *tags)`` (numpy's SeedSequence), e.g. ``(seed, rank)``."""
+    state = np.random.SeedSequence([int(seed), *map(int, tags)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))
+
+
+class TokenMLP(nn.Module):
+    """:class:`~mmfm.models.mlp.VelocityMLP` on flattened tokens: ``(B, N, D) -> (B, N, D)``."""
+
+    def __init__(self, num_tokens: int, token_dim: int, **kw):
+        super().__init__()
+        from mmfm.models.mlp import VelocityMLP
+
+        self.shape = (num_tokens, token_dim)
+        self.net = VelocityMLP(num_tokens * token_dim, **kw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0], -1), t).reshape(x.shape[0], *self.shape)
+
+
+def build_model(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int) -> nn.Module:
+    """The velocity network of ``cfg.model``: a DiTDH preset over ``(B, N, D)`` tokens or a :class:`TokenMLP`.
+    ``num_labels``: rows of the label table (classes or modes; 0 when unconditional)."""
+    if cfg.model == "mlp":
+        return TokenMLP(num_tokens, token_dim, **cfg.model_overrides)
+    from mmfm.models.ditdh import build_ditdh
+
+    return build_ditdh(cfg.model, in_channels=token_dim, num_tokens=num_tokens, conditioning=cfg.conditioning,
+                       num_classes=num_labels, class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides)
+
+
+def build_source(cfg: TrainConfig, event_shape: tuple[int, int], device) -> GaussianSource | GaussianMixtureSource:
+    """``N(0, I)`` or the spatial GMM of ``cfg.gmm`` (means ``(K, N, D)``), checked against the data's shape."""
+    if cfg.source == "gaussian":
+        return GaussianSource(event_shape)
+    from mmfm.gmm.files import load_source
+
+    src = load_source(cfg.gmm, device=device)
+    if tuple(src.event_shape) != tuple(event_shape):
+        raise ValueError(f"gmm: {cfg.gmm} has means of event shape {src.event_shape}, the shards' tokens "
+                         f"{tuple(event_shape)}; is it the spatial GMM of these shards?")
+    return src
+
+
+def build_coupling(cfg: TrainConfig, source, device):
+    """``independent``, ``ot``, or ``mode`` with the CLS GMM of ``cfg.cls_gmm`` as the assigner."""
+    if not cfg.coupling.startswith("mode"):
+        return make_coupling(cfg.coupling, source)
+    from mmfm.gmm.files import load_source
+
+    assigner = load_source(cfg.cls_gmm, device=device)
+    if assigner.num_modes != source.num_modes:
+        raise ValueError(f"cls_gmm: {cfg.cls_gmm} has {assigner.num_modes} modes, the spatial GMM {cfg.gmm} "
+                         f"{source.num_modes}; they must come from the same fit")
+    return make_coupling("mode", source, assigner=assigner, assignment=cfg.coupling.removeprefix("mode-"))
+
+
+def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int, step: int) -> dict:
+    """Metadata of ``ema.safetensors``, readable by :func:`mmfm.train.released.load_velocity_model`."""
+    return {"kind": "mmfm-velocity", "preset": cfg.model, "in_channels": token_dim, "num_tokens": num_tokens,
+            "patch_size": int(cfg.model_overrides.get("patch_size", 1)), "conditioning": cfg.conditioning,
+            "num_classes": num_labels, "class_dropout_prob": cfg.class_dropout_prob,
+            "null_label": num_labels if cfg.class_dropout_prob > 0 else None, "time_convention": "paper",
+            "layout": "tokens", "step": step, "source": cfg.source, "coupling": cfg.coupling,
+            "model_overrides": dict(cfg.model_overrides)}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _dist() -> tuple[int, int, bool]:
+    on = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size(), True) if on else (0, 1, False)
+
+
+def _default_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _stop_signals(flag: dict):
+    """Record SIGTERM / SIGUSR1 in ``flag["signum"]`` while the loop runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Metrics:
+    """``metrics.csv`` (rank 0): rows after ``start`` (left by a killed run) are dropped on resume."""
+
+    def __init__(self, path: Path, start: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        rows = []
+        if path.is_file() and start > 0:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, METRIC_COLUMNS).writerow(row)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, progress: bool = True,
+          max_steps: int | None = None, device: str | torch.device | None = None) -> dict:
+    """Train one run on ``shards`` (a folder, file, glob or list of Parquet shards) into ``out_dir``.
+
+    Args:
+        config: a :class:`TrainConfig` or the dict it is built from.
+        resume: continue from ``latest_checkpoint(out_dir)`` when there is one (else start fresh).
+        progress: show a tqdm bar (rank 0).
+        max_steps: take at most this many optimizer steps in this call (a time-boxed job), then
+            checkpoint and return with ``done`` false; ``None``: run to ``config.steps``.
+        device: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    Returns ``{"step", "done", "checkpoint", "ema" (the export, once done), "losses" (per step of this call),
+    "micro_batch", "accumulation", "world_size", "resumed_from"}``.
+
+    Raises :class:`TrainingInterrupted` after SIGTERM / SIGUSR1 (checkpoint written) and
+    :class:`NonFiniteLoss` on a non-finite loss or gradient norm (no update, no checkpoint).
+    Under ``torch.distributed`` every rank calls this; rank 0 writes the files.
+    """
+    from tqdm.auto import tqdm
+
+    cfg = TrainConfig.from_dict(config)
+    out_dir = Path(out_dir)
+    rank, world, distributed = _dist()
+    device = torch.device(device) if device is not None else _default_device(rank)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- data and batch arithmetic
+    micro, accum = derive_batch(cfg.global_batch, world, cfg.micro_batch_max)
+    per_rank = micro * accum
+    columns = ["tokens"] + (["cls"] if cfg.coupling.startswith("mode") else []) + \
+              (["label"] if cfg.conditioning == "class" else [])
+    stream = ShardStream(shards, per_rank, columns=columns, rank=rank, world_size=world, shuffle=cfg.shuffle,
+                         buffer_rows=cfg.buffer_rows, seed=cfg.seed, drop_last=True, as_torch=True)
+    if len(stream) == 0:
+        raise ValueError(f"shards: {stream.rows} rows cannot fill one global batch of {cfg.global_batch}")
+    (h, w), token_dim = stream.meta["grid"], int(stream.meta["token_dim"])
+    num_tokens = int(h) * int(w)
+    log.info("global batch %d = %d rank(s) x micro-batch %d x accumulation %d", cfg.global_batch, world, micro,
+             accum)
+
+    # ---- flow: source, coupling, times
+    source = build_source(cfg, (num_tokens, token_dim), device)
+    coupling = build_coupling(cfg, source, device)
+    lo, hi = cfg.time_interval
+    times = TimeSampler(cfg.time_dist, mu=cfg.time_mu, sigma=cfg.time_sigma, interval=(lo, hi),
+                        shift=cfg.shift(num_tokens * token_dim))
+    path = LinearPath()
+    num_labels = {"none": 0, "class": cfg.num_classes}.get(cfg.conditioning) or \
+        (source.num_modes if cfg.conditioning == "mode" else 0)
+
+    # ---- model, optimizer, schedules, EMA
+    torch.manual_seed(cfg.seed)  # model initialization (identical on every rank)
+    raw = build_model(cfg, num_tokens, token_dim, num_labels).to(device)
+    raw.train()
+    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+    lr_schedule = cfg.lr_schedule()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
+    ema = EMA(raw, cfg.ema_schedule())
+    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, rank))
+    generators = {"train": gen}
+
+    # ---- resume
+    step, resumed_from = 0, None
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        info = load_checkpoint(ckpt, model=raw, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                               generators=generators, rank=rank)
+        _check_resumable(info["config"], cfg, ckpt)
+        stream.load_state_dict(info["extra"]["stream"])
+        step, resumed_from = int(info["step"]), ckpt
+        log.info("resumed from %s at step %d", ckpt, step)
+    last_ckpt = ckpt
+
+    model: nn.Module = torch.compile(raw) if cfg.compile else raw
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    autocast = contextlib.nullcontext()
+    if cfg.precision == "bf16":
+        if device.type == "cuda":
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+        else:
+            warnings.warn("precision bf16: autocast is used on CUDA only; training in fp32 on the CPU", stacklevel=2)
+    params = [p for p in raw.parameters() if p.requires_grad]
+
+    def checkpoint(at: int) -> Path | None:
+        rngs = [get_rng_state(generators)]
+        if distributed:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        saved = None
+        if rank == 0:
+            saved = save_checkpoint(out_dir, step=at, model=raw, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                                    extra={"stream": stream.state_dict()}, config=cfg.to_dict(), rng=rngs)
+            keep_last(out_dir, cfg.keep_last)
+        if distributed:
+            dist.barrier()
+        return saved if rank == 0 else out_dir
+
+    stop = cfg.steps if max_steps is None else min(cfg.steps, step + int(max_steps))
+    metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0)
+    losses: list[float] = []
+    flag: dict = {}
+    batches = stream.forever()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
+    window_t, window_steps = time.perf_counter(), 0
+    saved_at = step if ckpt is not None else None
+    try:
+        with _stop_signals(flag):
+            while step < stop:
+                batch = next(batches)
+                x1 = batch["tokens"].to(device=device, dtype=torch.float32)
+                cls = batch["cls"].to(device=device, dtype=torch.float32) if "cls" in batch else None
+                x0, x1, modes = coupling(x1, descriptor=cls, generator=gen)
+                t = times(per_rank, generator=gen, device=device)
+                xt, u = path.sample(x0, x1, t)
+                cond = {}
+                if cfg.conditioning == "mode":
+                    cond["y"] = modes
+                elif cfg.conditioning == "class":
+                    cond["y"] = batch["label"].to(device=device, dtype=torch.long)
+                    if cfg.class_dropout_prob > 0:
+                        drop = torch.rand(per_rank, generator=gen, device=device) < cfg.class_dropout_prob
+                        cond["drop"] = drop
+
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum = torch.zeros((), device=device)
+                for i in range(accum):
+                    sl = slice(i * micro, (i + 1) * micro)
+                    sync = contextlib.nullcontext() if not distributed or i == accum - 1 else model.no_sync()
+                    with sync:
+                        with autocast:
+                            v = model(xt[sl], t[sl], **{k: c[sl] for k, c in cond.items()})
+                        loss = velocity_loss(v, u[sl]) * (micro / per_rank)
+                        loss.backward()
+                    loss_sum += loss.detach()
+                if distributed:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                loss_value, norm_value = float(loss_sum), float(grad_norm)
+                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                    raise NonFiniteLoss(step, loss_value, norm_value, last_ckpt)
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                ema.update(raw, step)
+                step += 1
+                window_steps += 1
+                losses.append(loss_value)
+                bar.update(1)
+
+                if step % cfg.log_every == 0 or step == stop:
+                    now = time.perf_counter()
+                    rate = window_steps * cfg.global_batch / max(now - window_t, 1e-9)
+                    metrics.write({"step": step, "loss": f"{loss_value:.6g}", "lr": f"{lr:.6g}",
+                                   "grad_norm": f"{norm_value:.6g}", "samples_per_s": f"{rate:.4g}"})
+                    bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}")
+                    window_t, window_steps = now, 0
+                if step % cfg.checkpoint_every == 0:
+                    last_ckpt, saved_at = checkpoint(step), step
+                signum = flag.get("signum")
+                if distributed:
+                    s = torch.tensor([signum or 0], device=device)
+                    dist.all_reduce(s, op=dist.ReduceOp.MAX)
+                    signum = int(s) or None
+                if signum:
+                    if saved_at != step:
+                        last_ckpt, saved_at = checkpoint(step), step
+                    raise TrainingInterrupted(step, signum, last_ckpt)
+    finally:
+        bar.close()
+
+    if saved_at != step:
+        last_ckpt = checkpoint(step)
+    done = step >= cfg.steps
+    exported = None
+    if done and rank == 0:
+        exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step))
+    return {"step": step, "done": done, "checkpoint": last_ckpt, "ema": exported, "losses": losses,
+            "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from}
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """A checkpoint resumes only a run with the same settings (but those in ``RESUMABLE_CHANGES``)."""
+    mine = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in mine
+            if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+    if diff:
+        raise ValueError(f"{path}: was written with other settings ({'; '.join(diff)}); use another out_dir "
+                         "or resume=False")

@@ -1,0 +1,398 @@
+"""The training loop on a 2-mode toy: learning, the three settings, accumulation, bit-identical resume
+(in-process, after SIGKILL, after SIGTERM) and the non-finite-loss stop."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from mmfm import io
+from mmfm.data import shards
+from mmfm.gmm import files
+from mmfm.gmm.em import DiagonalGMM
+from mmfm.train import loop
+from mmfm.train.config import TrainConfig
+from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
+
+N_ROWS = 256
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: fast on 2 busy cores, and the same kernels in the test and its subprocesses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """Two shards of tokens ``(n, 4, 2)`` around -2 or +2 (the mode), a 2-D CLS that separates the modes,
+    the matching CLS GMM and spatial GMM (2 modes). Returns ``(root, tokens (n, 4, 2))``."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 2, N_ROWS)
+    centre = np.where(k == 1, 2.0, -2.0)
+    tok = (centre[:, None, None] + 0.3 * rng.standard_normal((N_ROWS, 4, 2))).astype(np.float32)
+    cls = (centre[:, None] + 0.5 * rng.standard_normal((N_ROWS, 2))).astype(np.float32)
+    (root / "shards").mkdir()
+    meta = {"encoder": "toy", "revision": "0", "grid": [2, 2], "token_dim": 2, "cls_dim": 2}
+    for i in range(2):
+        sl = slice(i * N_ROWS // 2, (i + 1) * N_ROWS // 2)
+        shards.write_shard(root / "shards" / f"shard-{i}.parquet",
+                           {"image_id": np.arange(N_ROWS)[sl], "label": k[sl].astype(np.int32), "cls": cls[sl],
+                            "tokens": tok[sl]}, meta, row_group_rows=32)
+    files.save_cls_gmm(root / "cls.safetensors",
+                       DiagonalGMM(np.full(2, 0.5), np.array([[-2.0, -2.0], [2.0, 2.0]]), np.full((2, 2), 0.25)), {})
+    means = np.stack([np.full((4, 2), -2.0), np.full((4, 2), 2.0)]).astype(np.float32)
+    io.save_tensors(root / "spatial.safetensors", {"weights": np.full(2, 0.5), "means": means,
+                                                   "variances": np.full(2, 0.09, np.float32),
+                                                   "counts": np.array([N_ROWS // 2] * 2)}, {"kind": "spatial-gmm"})
+    return root, tok
+
+
+def config(root, setting="gaussian", **kw):
+    base = dict(global_batch=16, micro_batch_max=8, steps=20, lr=1e-3, ema_decay=0.99, checkpoint_every=10,
+                log_every=1, buffer_rows=64, time_shift=1.0, seed=3)
+    if setting != "gaussian":
+        base.update(source="gmm", gmm=str(root / "spatial.safetensors"), cls_gmm=str(root / "cls.safetensors"))
+    if setting == "mode":
+        base.update(coupling="mode-soft", conditioning="mode")
+    return {**base, **kw}
+
+
+def weights(ckpt):
+    """Model and EMA tensors of a checkpoint directory, as torch tensors."""
+    out = {}
+    for name in ("model", "ema"):
+        arrays, _ = io.open_tensors(ckpt / f"{name}.safetensors")
+        out.update({f"{name}.{k}": torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    return out
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metric_steps(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_rejects_unknown_and_bad_keys(toy):
+    with pytest.raises(ValueError, match="unknown key.*'lerning_rate'"):
+        TrainConfig.from_dict({"lerning_rate": 1e-3})
+    with pytest.raises(ValueError, match="global_batch"):
+        TrainConfig.from_dict({"global_batch": 0})
+    with pytest.raises(ValueError, match="coupling"):
+        TrainConfig.from_dict({"coupling": "mode"})
+    with pytest.raises(ValueError, match="gmm"):
+        TrainConfig.from_dict({"source": "gmm"})
+    with pytest.raises(ValueError, match="cls_gmm"):
+        TrainConfig.from_dict({"source": "gmm", "gmm": "x", "coupling": "mode-hard"})
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig.from_dict({"precision": "fp16"})
+    cfg = TrainConfig.from_dict(config(toy[0], "mode"))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig().shift(256 * 768) == pytest.approx(48 ** 0.5)
+    assert TrainConfig().shift(8) == 1.0
+    s = TrainConfig(lr=2e-4, initial_lr=4e-4, initial_steps=5, decay_start=10, decay_end=20, final_lr=2e-5)
+    assert [s.lr_schedule()(i) for i in (0, 5, 20)] == pytest.approx([4e-4, 2e-4, 2e-5])
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("setting", ["gaussian", "gmm", "mode"])
+def test_settings_run_and_export(toy, tmp_path, setting):
+    root, _ = toy
+    res = train(config(root, setting, steps=12), root / "shards", tmp_path, progress=False)
+    assert res["done"] and res["step"] == 12 and (res["micro_batch"], res["accumulation"]) == (8, 2)
+    assert all(np.isfinite(res["losses"])) and len(res["losses"]) == 12
+    assert metric_steps(tmp_path) == list(range(1, 13))
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert next(csv.reader(f)) == ["step", "loss", "lr", "grad_norm", "samples_per_s"]
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000010", "step-0000012"]
+    from mmfm.train.released import load_velocity_model
+
+    net = load_velocity_model(tmp_path / "ema.safetensors")
+    assert net.conditioning == ("mode" if setting == "mode" else "none")
+    x, t = torch.zeros(3, 4, 2), torch.full((3,), 0.5)
+    y = {"y": torch.tensor([0, 1, 0])} if setting == "mode" else {}
+    assert net(x, t, **y).shape == (3, 4, 2)
+
+
+def test_learns_the_toy(toy, tmp_path):
+    """A few hundred steps lower the loss and bring EMA samples closer to the data (Fréchet distance)."""
+    from mmfm.flow.sources import GaussianSource
+    from mmfm.metrics.frechet import frechet_distance_of
+    from mmfm.sample import sample_latents
+    from mmfm.train.released import load_velocity_model
+
+    root, tok = toy
+    res = train(config(root, steps=300, lr=2e-3, checkpoint_every=300, log_every=50), root / "shards", tmp_path,
+                progress=False)
+    losses = np.array(res["losses"])
+    assert losses[-20:].mean() < 0.6 * losses[:20].mean()
+    net = load_velocity_model(tmp_path / "ema.safetensors")
+    src = GaussianSource((4, 2))
+    data = tok.reshape(len(tok), -1)
+    samples = sample_latents(net, src, 256, seed=1, steps=20, batch_size=256).latents.reshape(256, -1)
+    noise = src.sample(256, generator=torch.Generator().manual_seed(1))[0].reshape(256, -1)
+    fd_trained, fd_noise = frechet_distance_of(samples.numpy(), data), frechet_distance_of(noise.numpy(), data)
+    assert fd_trained < 0.25 * fd_noise, (fd_trained, fd_noise)
+
+
+def test_accumulation_does_not_change_the_step(toy, tmp_path):
+    """Global batch 8 as one micro-batch of 8 or four of 2: the same rows and draws, the same weights.
+
+    Adam's ``g / (sqrt(v) + eps)`` turns rounding noise of near-zero gradients into +-lr steps; a large
+    ``eps`` makes the update proportional to the gradient, so the comparison is tight."""
+    root, _ = toy
+    runs, losses = {}, {}
+    for micro in (8, 2):
+        out = tmp_path / f"micro{micro}"
+        res = train(config(root, "mode", global_batch=8, micro_batch_max=micro, steps=5, checkpoint_every=5,
+                           lr=1e-2, eps=1.0), root / "shards", out, progress=False)
+        assert (res["micro_batch"], res["accumulation"]) == (micro, 8 // micro)
+        runs[micro], losses[micro] = weights(res["checkpoint"]), res["losses"]
+    np.testing.assert_allclose(losses[2], losses[8], rtol=1e-6)
+    for k, v in runs[8].items():
+        torch.testing.assert_close(runs[2][k], v, rtol=1e-5, atol=1e-7, msg=k)
+    first = train(config(root, "mode", global_batch=8, steps=0), root / "shards", tmp_path / "init", progress=False)
+    init = weights(first["checkpoint"])
+    assert sum(not torch.equal(init[k], runs[8][k]) for k in init) > 10  # the weights did move
+
+
+def test_resume_in_process_is_bit_identical(toy, tmp_path):
+    root, _ = toy
+    cfg = config(root, "mode", steps=24, checkpoint_every=8)
+    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False)
+    part = train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=11)
+    assert not part["done"] and part["step"] == 11 and part["ema"] is None
+    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False)
+    assert rest["resumed_from"].name == "step-0000011" and rest["step"] == 24
+    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    assert metric_steps(tmp_path / "cut") == list(range(1, 25))
+
+
+def test_resume_refuses_other_settings(toy, tmp_path):
+    root, _ = toy
+    train(config(root, steps=4, checkpoint_every=4), root / "shards", tmp_path, progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        train(config(root, steps=8, lr=5e-3), root / "shards", tmp_path, progress=False)
+    res = train(config(root, steps=6), root / "shards", tmp_path, progress=False)  # more steps: allowed
+    assert res["resumed_from"].name == "step-0000004" and res["step"] == 6
+
+
+# ------------------------------------------------------------------------------------------------ kills
+
+SCRIPT = """
+import json, sys, time, torch
+from mmfm.train import loop
+torch.set_num_threads(1)
+slow = loop.velocity_loss
+def velocity_loss(*a, **k):  # slow the steps down so that the parent can kill mid-run
+    time.sleep({sleep})
+    return slow(*a, **k)
+loop.velocity_loss = velocity_loss
+try:
+    loop.train(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False)
+except loop.TrainingInterrupted as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+def start(tmp_path, cfg, shards_dir, out, sleep=0.02):
+    import json
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(SCRIPT).replace("{sleep}", str(sleep)))
+    return subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(shards_dir), str(out)],
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc, out, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "latest").is_file():
+            return
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_is_bit_identical(toy, tmp_path):
+    root, _ = toy
+    cfg = config(root, "mode", steps=60, checkpoint_every=10)
+    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False)
+    out = tmp_path / "killed"
+    proc = start(tmp_path, cfg, root / "shards", out)
+    wait_for_checkpoint(proc, out)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    res = train(cfg, root / "shards", out, progress=False)
+    assert res["resumed_from"] is not None and 0 < int(res["resumed_from"].name[5:]) < 60
+    assert_identical(weights(ref["checkpoint"]), weights(res["checkpoint"]))
+    assert metric_steps(out) == list(range(1, 61))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_checkpoints_and_exits(toy, tmp_path, signum):
+    root, _ = toy
+    cfg = config(root, "gmm", steps=400, checkpoint_every=1000)  # only the signal and the end checkpoint
+    out = tmp_path / "run"
+    proc = start(tmp_path, cfg, root / "shards", out)
+    deadline = time.monotonic() + 60
+    while not ((out / "metrics.csv").is_file() and len(metric_steps(out)) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "interrupted by" in err and "resume" in err
+    ckpts = list(out.glob("step-*"))
+    assert len(ckpts) == 1
+    stopped = int(ckpts[0].name[5:])
+    assert 3 <= stopped < 400 and metric_steps(out)[-1] == stopped
+    res = train({**cfg, "steps": stopped + 2}, root / "shards", out, progress=False)
+    assert res["resumed_from"] == ckpts[0] and res["step"] == stopped + 2 and res["done"]
+
+
+def test_nonfinite_loss_stops_and_keeps_the_checkpoint(toy, tmp_path, monkeypatch):
+    root, _ = toy
+    calls = {"n": 0}
+    real = loop.velocity_loss
+
+    def poisoned(v, u, **kw):  # micro-batch 8 x 2: step 13 (0-based) holds calls 26 and 27
+        calls["n"] += 1
+        loss = real(v, u, **kw)
+        return loss * float("nan") if calls["n"] == 27 else loss
+
+    monkeypatch.setattr(loop, "velocity_loss", poisoned)
+    cfg = config(root, steps=20, checkpoint_every=10)
+    with pytest.raises(NonFiniteLoss, match="at step 13") as info:
+        train(cfg, root / "shards", tmp_path, progress=False)
+    assert info.value.checkpoint.name == "step-0000010"
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-0000010"]
+    assert not (tmp_path / "ema.safetensors").exists()
+    # the checkpoint is intact: resuming without the poison reaches the end like an uninterrupted run
+    monkeypatch.setattr(loop, "velocity_loss", real)
+    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False)
+    res = train(cfg, root / "shards", tmp_path, progress=False)
+    assert res["resumed_from"].name == "step-0000010"
+    assert_identical(weights(ref["checkpoint"]), weights(res["checkpoint"]))
+
+
+def test_interrupted_exception_exit_code():
+    exc = TrainingInterrupted(5, signal.SIGTERM, None)
+    assert exc.exit_code == 143 and "SIGTERM" in str(exc)
+
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch, torch.distributed as dist
+from mmfm.train import loop
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+res = loop.train(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False, device="cpu")
+print(json.dumps({"rank": dist.get_rank(), "micro": res["micro_batch"], "accum": res["accumulation"],
+                  "world": res["world_size"], "losses": res["losses"]}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_and_checkpoint(toy, tmp_path):
+    """Two CPU processes under torch.distributed (gloo): the batch splits over ranks (the global batch
+    stays), both ranks see the same averaged loss, rank 0 writes the checkpoint and the export; a
+    second launch resumes from it."""
+    import json
+    import socket
+
+    root, _ = toy
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def launch(cfg):
+        procs = []
+        for rank in range(2):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(root / "shards"),
+                                           str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=120) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err
+        return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+
+    cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=3)
+    a, b = launch(cfg)
+    assert (a["world"], a["micro"], a["accum"]) == (2, 4, 2)
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 6
+    assert (tmp_path / "out" / "ema.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "out").glob("step-*")) == ["step-0000003", "step-0000006"]
+    a, b = launch({**cfg, "steps": 8})
+    assert len(a["losses"]) == 2 and a["losses"] == b["losses"]
+
+
+def test_train_command_runs_resumes_and_reports(toy, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from mmfm.cli import main
+
+    root, _ = toy
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"train": config(root, steps=6, checkpoint_every=3)}))
+    args = ["train", "--config", str(cfg), "--shards", str(root / "shards"), "--out", str(tmp_path / "run"), "--json"]
+    assert main(args + ["--max-steps", "3"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert first["step"] == 3 and not first["done"] and first["ema"] is None
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["step"] == 6 and second["done"] and second["resumed_from"].endswith("step-0000003")
+    assert (tmp_path / "run" / "ema.safetensors").is_file()
+    cfg.write_text(yaml.safe_dump({"train": {**config(root), "nope": 1}}))
+    assert main(args) == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_command_nproc_2_through_torchrun(toy, tmp_path):
+    import json
+
+    import yaml
+
+    root, _ = toy
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(config(root, steps=4, checkpoint_every=2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "train", "--nproc", "2", "--config", str(cfg),
+                           "--shards", str(root / "shards"), "--out", str(tmp_path / "run"), "--json"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2 and all(x["world_size"] == 2 and x["step"] == 4 for x in lines)
+    assert (tmp_path / "run" / "ema.safetensors").is_file()
