@@ -91,6 +91,15 @@ def _export_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_bench(result: dict, as_json: bool) -> int:
+    """A bench's figures, one per line unless ``--json``; the JSON object is always the last line."""
+    if not as_json:
+        for key, value in result.items():
+            print(f"{key:>26}: {value}")
+    print(json.dumps(result))
+    return 0
+
+
 def _bench_gmm(args: argparse.Namespace) -> int:
     from mmfm.bench.gmm import bench_gmm
 
@@ -100,11 +109,7 @@ def _bench_gmm(args: argparse.Namespace) -> int:
     else:
         result = bench_gmm(n=args.n, d=args.d, k=args.k, iters=args.iters, seed=args.seed, device=args.device,
                            repeats=args.repeats)
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>26}: {value}")
-    print(json.dumps(result))
-    return 0
+    return _report_bench(result, args.json)
 
 
 def _bench_encode(args: argparse.Namespace) -> int:
@@ -112,11 +117,7 @@ def _bench_encode(args: argparse.Namespace) -> int:
 
     result = bench_encode(encoder=args.encoder, encoder_path=args.encoder_path, n=args.images,
                           batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed)
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>26}: {value}")
-    print(json.dumps(result))
-    return 0
+    return _report_bench(result, args.json)
 
 
 def _import_checkpoint(args: argparse.Namespace) -> int:
@@ -200,11 +201,7 @@ def _bench_train(args: argparse.Namespace) -> int:
 
     result = bench_train(preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
                          in_channels=args.channels, num_tokens=args.tokens, device=args.device, compile=args.compile)
-    if not args.json:
-        for key, value in result.items():
-            print(f"{key:>26}: {value}")
-    print(json.dumps(result))
-    return 0
+    return _report_bench(result, args.json)
 
 
 def _read_config(path: str) -> dict:
