@@ -259,6 +259,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nfe_curve(args: argparse.Namespace) -> int:
+    from mmfm.train.evaluate import nfe_curve
+
+    rows = nfe_curve(args.model, args.shards, args.out, source=args.source, nfes=tuple(args.nfe), n=args.n,
+                     seed=args.seed, shift=args.shift, rows=args.rows, device=args.device)
+    print(json.dumps({"out": args.out, "curve": rows}) if args.json else
+          "\n".join(f"NFE {r['nfe']:>4}: FD {r['fd']:.5g}" for r in rows))
+    return 0
+
+
 def _tokenizer(args: argparse.Namespace):
     from mmfm.encoders import load_tokenizer
 
@@ -453,6 +463,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=_train)
+
+    nc = sub.add_parser("nfe-curve", help="Frechet distance to the data (latent space) against Euler steps",
+                        description="Samples of an exported model at each NFE, same seeds, against the first "
+                                    "--rows token grids of the shards.")
+    nc.add_argument("--model", required=True, help="velocity network .safetensors (train's ema.safetensors)")
+    nc.add_argument("--shards", required=True, nargs="+")
+    nc.add_argument("--out", required=True, help="output CSV (step, nfe, fd)")
+    nc.add_argument("--source", default="gaussian", help="'gaussian' or the spatial GMM .safetensors")
+    nc.add_argument("--nfe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+    nc.add_argument("--n", type=int, default=1024, help="samples per point")
+    nc.add_argument("--rows", type=int, default=4096, help="data rows for the reference statistics")
+    nc.add_argument("--seed", type=int, default=0)
+    nc.add_argument("--shift", type=float, default=1.0)
+    nc.add_argument("--device", default="cpu")
+    nc.add_argument("--json", action="store_true")
+    nc.set_defaults(func=_nfe_curve)
 
     smp = sub.add_parser("sample", help="samples of an exported velocity network, decoded to ADM .npz",
                          description="Per-sample seeds: the set does not depend on batching or processes.")

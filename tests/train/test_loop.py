@@ -396,3 +396,33 @@ def test_train_command_nproc_2_through_torchrun(toy, tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and all(x["world_size"] == 2 and x["step"] == 4 for x in lines)
     assert (tmp_path / "run" / "ema.safetensors").is_file()
+
+
+def test_fd_over_training_is_logged_and_does_not_change_the_weights(toy, tmp_path):
+    from mmfm.train.evaluate import read_fd
+
+    root, _ = toy
+    a = train(config(root, steps=20, checkpoint_every=10), root / "shards", tmp_path / "a", progress=False)
+    b = train(config(root, steps=20, checkpoint_every=10, eval_every=5, eval_samples=64, eval_steps=4,
+                     eval_rows=128), root / "shards", tmp_path / "b", progress=False)
+    assert a["losses"] == b["losses"]  # evaluation draws nothing from the training generators
+    for x, y in zip(weights(a["checkpoint"]).values(), weights(b["checkpoint"]).values()):
+        assert torch.equal(x, y)
+    rows = read_fd(tmp_path / "b" / "fd.csv")
+    assert [r["step"] for r in rows] == [5, 10, 15, 20] and all(r["nfe"] == 4 and r["fd"] > 0 for r in rows)
+    assert rows[-1]["fd"] < rows[0]["fd"]
+
+
+def test_nfe_curve_command(toy, tmp_path, capsys):
+    import json
+
+    from mmfm.cli import main
+
+    root, _ = toy
+    train(config(root, steps=10, checkpoint_every=10), root / "shards", tmp_path / "run", progress=False)
+    out = tmp_path / "nfe.csv"
+    assert main(["nfe-curve", "--model", str(tmp_path / "run" / "ema.safetensors"), "--shards", str(root / "shards"),
+                 "--out", str(out), "--nfe", "1", "4", "--n", "64", "--rows", "128", "--json"]) == 0
+    curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["curve"]
+    assert [r["nfe"] for r in curve] == [1, 4] and all(r["fd"] > 0 for r in curve)
+    assert out.read_text().splitlines()[0] == "step,nfe,fd" and len(out.read_text().splitlines()) == 3

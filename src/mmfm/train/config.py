@@ -22,7 +22,9 @@ that names the key. Keys (defaults in brackets):
   arguments of ``build_ditdh`` / ``VelocityMLP``);
 - data: ``shuffle`` [True], ``buffer_rows`` [4096];
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
-  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False].
+  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False];
+- evaluation: ``eval_every`` [0: off] steps, the Fréchet distance of ``eval_samples`` [512] EMA
+  samples (``eval_steps`` [20] Euler steps) to the first ``eval_rows`` [4096] data rows, in ``fd.csv``.
 """
 
 from __future__ import annotations
@@ -84,6 +86,10 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "fp32"
     compile: bool = False
+    eval_every: int = 0
+    eval_samples: int = 512
+    eval_steps: int = 20
+    eval_rows: int = 4096
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -120,7 +126,7 @@ class TrainConfig:
     def __post_init__(self):
         ints = dict(global_batch=1, micro_batch_max=1, steps=0, initial_steps=0, decay_start=0, decay_end=0,
                     ema_initial_steps=0, num_classes=0, buffer_rows=0, seed=0, checkpoint_every=1,
-                    keep_last=1, log_every=1)
+                    keep_last=1, log_every=1, eval_every=0, eval_samples=2, eval_steps=1, eval_rows=2)
         for key, lo in ints.items():
             v = getattr(self, key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
@@ -211,4 +217,5 @@ class TrainConfig:
 
 
 #: Keys that may change between a run and its resumption (they do not change what was trained so far).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile", "eval_every", "eval_samples",
+                     "eval_steps", "eval_rows")

@@ -27,6 +27,7 @@ bit for bit on the CPU. SIGTERM / SIGUSR1 finish the step, checkpoint and raise
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import logging
 import math
@@ -51,6 +52,7 @@ from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_
                                    save_checkpoint)
 from mmfm.train.config import RESUMABLE_CHANGES, TrainConfig
 from mmfm.train.ema import EMA
+from mmfm.train.evaluate import FDLog, fd_of_model, reference_stats
 from mmfm.train.schedule import derive_batch
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.csv"
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s")
 EMA_EXPORT = "ema.safetensors"
+FD_LOG = "fd.csv"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -313,6 +316,9 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
             dist.barrier()
         return saved if rank == 0 else out_dir
 
+    evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step)
+                if cfg.eval_every and rank == 0 else None)  # Fréchet distance over training, rank 0
+
     stop = cfg.steps if max_steps is None else min(cfg.steps, step + int(max_steps))
     metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0)
     losses: list[float] = []
@@ -373,6 +379,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                                    "grad_norm": f"{norm_value:.6g}", "samples_per_s": f"{rate:.4g}"})
                     bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}")
                     window_t, window_steps = now, 0
+                if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    evaluate(step)
                 if step % cfg.checkpoint_every == 0:
                     last_ckpt, saved_at = checkpoint(step), step
                 signum = flag.get("signum")
@@ -395,6 +403,22 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
         exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step))
     return {"step": step, "done": done, "checkpoint": last_ckpt, "ema": exported, "losses": losses,
             "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from}
+
+
+def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_labels: int, shift: float, device,
+               path: Path, start: int):
+    """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``."""
+    reference = reference_stats(shards, cfg.eval_rows)
+    evaluator, log_ = copy.deepcopy(raw).eval(), FDLog(path, start)
+
+    def evaluate(step: int) -> None:
+        ema.copy_to(evaluator)
+        fd, nfe = fd_of_model(evaluator, source, reference, n=cfg.eval_samples, seed=cfg.seed,
+                              conditioning=cfg.conditioning, num_classes=num_labels, steps=cfg.eval_steps,
+                              shift=shift, device=device)
+        log_.write(step, nfe, fd)
+
+    return evaluate
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:

@@ -1,0 +1,98 @@
+"""Fréchet distance of a velocity model's samples to the data, in the latent space (design.md §7).
+
+The offline demo has no Inception network, so its distance is measured where the model works: the
+flattened token grids ``(N D,)`` of samples against those of the training shards, with pytorch-fid's
+``calculate_frechet_distance`` (:mod:`mmfm.metrics.frechet`). The same samples are decoded for FID
+when an Inception network is at hand (``mmfm fid``).
+
+Samples are drawn with :func:`mmfm.sample.sample_latents` (per-sample seeds, a fixed ``seed``), so the
+curve over training steps compares the same noise at every step, and evaluation draws nothing from
+the training generators: a resumed run's weights do not depend on when it was evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from mmfm.data.stream import ShardStream
+from mmfm.metrics.frechet import FeatureStats, frechet_distance
+from mmfm.sample import sample_latents
+
+FD_COLUMNS = ("step", "nfe", "fd")
+
+
+def reference_stats(shards, rows: int = 4096) -> FeatureStats:
+    """Mean and covariance of the first ``rows`` flattened token grids of ``shards`` (file order)."""
+    stream = ShardStream(shards, min(rows, 1024), columns=("tokens",), shuffle=False, rank=0, world_size=1)
+    stats = None
+    for batch in stream:
+        tok = batch["tokens"].reshape(len(batch["tokens"]), -1)
+        stats = stats or FeatureStats(tok.shape[1])
+        stats.update(tok[: rows - stats.n])
+        if stats.n >= rows:
+            break
+    if stats is None or stats.n < 2:
+        raise ValueError(f"shards: need at least 2 rows for reference statistics, got {0 if stats is None else stats.n}")
+    return stats
+
+
+def fd_of_model(velocity, source, reference: FeatureStats, *, n: int = 512, seed: int = 0, conditioning: str = "none",
+                num_classes: int = 0, steps: int = 20, shift: float = 1.0, method: str = "euler",
+                batch_size: int = 256, device="cpu") -> tuple[float, int]:
+    """``(Fréchet distance of n samples to the reference, NFE per sample)``."""
+    got = sample_latents(velocity, source, n, seed=seed, conditioning=conditioning, num_classes=num_classes,
+                         steps=steps, method=method, shift=shift, batch_size=batch_size, device=device)
+    stats = FeatureStats(reference.dim).update(got.latents.reshape(n, -1).double())
+    batches = -(-n // batch_size)
+    return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma), got.nfe // batches
+
+
+class FDLog:
+    """``fd.csv`` rows ``(step, nfe, fd)``; on resume, rows after ``start`` (left by a killed run) are dropped."""
+
+    def __init__(self, path: Path, start: int = 0):
+        self.path = Path(path)
+        rows = []
+        if self.path.is_file() and start > 0:
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= start]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, FD_COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, step: int, nfe: int, fd: float) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, FD_COLUMNS).writerow({"step": step, "nfe": nfe, "fd": f"{fd:.6g}"})
+
+
+def read_fd(path) -> list[dict]:
+    """The rows of an ``fd.csv`` as ``{"step": int, "nfe": int, "fd": float}``."""
+    with open(path, newline="") as f:
+        return [{"step": int(r["step"]), "nfe": int(r["nfe"]), "fd": float(r["fd"])} for r in csv.DictReader(f)]
+
+
+@torch.no_grad()
+def nfe_curve(model_path, shards, out_csv, *, source="gaussian", nfes=(1, 2, 4, 8, 16, 32), n: int = 512,
+              seed: int = 0, shift: float = 1.0, rows: int = 4096, device="cpu") -> list[dict]:
+    """The Fréchet distance of an exported model's samples at each number of Euler steps."""
+    from mmfm.gmm.files import load_source
+    from mmfm.flow.sources import GaussianSource
+    from mmfm.train.released import load_velocity_model, read_metadata
+
+    meta = read_metadata(model_path)
+    velocity = load_velocity_model(model_path, device)
+    shape = (meta["num_tokens"], meta["in_channels"])
+    src = GaussianSource(shape) if str(source) == "gaussian" else load_source(source)
+    ref = reference_stats(shards, rows)
+    log = FDLog(out_csv)
+    out = []
+    for steps in nfes:
+        fd, nfe = fd_of_model(velocity, src, ref, n=n, seed=seed, conditioning=meta["conditioning"],
+                              num_classes=meta["num_classes"], steps=steps, shift=shift, device=device)
+        log.write(int(meta.get("step", 0)), nfe, fd)
+        out.append({"nfe": nfe, "fd": fd})
+    return out
