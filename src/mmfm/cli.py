@@ -226,7 +226,7 @@ def _train(args: argparse.Namespace) -> int:
         # one process per device through torchrun's elastic launcher: no wrapper script for Snakemake / SLURM
         from torch.distributed.run import main as torchrun
 
-        argv = [a for a in sys.argv[1:]]
+        argv = list(args.argv)
         i = argv.index("--nproc")
         del argv[i:i + 2]
         torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mmfm.cli", *argv])
@@ -585,7 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # what `train --nproc` relaunches under torchrun
     try:
         return args.func(args)
     except ValueError as err:  # bad input: one clear line, no traceback

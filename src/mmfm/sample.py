@@ -186,6 +186,16 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, max_images: int = 64)
     return path
 
 
+def noise_source(source: str | os.PathLike, shape: tuple[int, int]):
+    """``"gaussian"`` -> ``N(0, I)`` over ``shape``; else a GMM file, whose latents must have ``shape``."""
+    from mmfm.gmm.files import load_source
+
+    src = GaussianSource(shape) if str(source) == "gaussian" else load_source(source)
+    if tuple(src.event_shape) != tuple(shape):
+        raise ValueError(f"{source}: the source's latents are {tuple(src.event_shape)}, the model's {tuple(shape)}")
+    return src
+
+
 def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, source: str | os.PathLike = "gaussian",
                n: int = 64, seed: int = 0, steps: int = 50, method: str = "euler", shift: float = 1.0,
                end: float = 1.0, guide: str | os.PathLike | None = None, guidance_scale: float = 1.0,
@@ -198,7 +208,6 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     class-conditional model trained with label dropout, decoded by ``tokenizer`` into ADM's ``.npz``
     (and a PNG ``grid``). Returns what it wrote and the NFE per sample."""
     from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
-    from mmfm.gmm.files import load_source
     from mmfm.train.released import load_velocity_model, read_metadata
 
     meta = read_metadata(model)
@@ -214,9 +223,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
         if cond != "class" or meta.get("null_label") is None:
             raise ValueError(f"{model}: classifier-free guidance needs a class-conditional model with a null label")
         velocity = ClassifierFreeGuidance(velocity, cfg_scale, meta["null_label"], guidance_interval)
-    src = GaussianSource(shape) if str(source) == "gaussian" else load_source(source)
-    if tuple(src.event_shape) != shape:
-        raise ValueError(f"{source}: the source's latents are {tuple(src.event_shape)}, the model's {shape}")
+    src = noise_source(source, shape)
     if cond == "mode" and not isinstance(src, GaussianMixtureSource):
         raise ValueError(f"{model}: a mode-conditional model needs a Gaussian-mixture source, not {source!r}")
     if cond == "mode" and src.num_modes != meta["num_classes"]:

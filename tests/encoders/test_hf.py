@@ -87,7 +87,7 @@ def test_dinov2_drops_cls_and_registers_without_the_final_affine(dinov2_dir):
     cls, tokens = tok.encode(images)
     assert cls.shape == (3, 32) and tokens.shape == (3, 16, 32) and tokens.dtype == torch.float32
 
-    raw = Dinov2WithRegistersModel.from_pretrained(dinov2_dir).eval()
+    raw = Dinov2WithRegistersModel.from_pretrained(dinov2_dir, local_files_only=True).eval()
     with torch.no_grad():
         out = raw(_normalize(images, 28), output_hidden_states=True)
     reference = _standardize(out.hidden_states[-1], raw.config.layer_norm_eps)  # 1 CLS + 4 registers + 16 patches
@@ -120,7 +120,7 @@ def test_siglip2_tokens_and_pooled_descriptor_from_affine_free_tokens(siglip_dir
     cls, tokens = tok.encode(images)
     assert cls.shape == (2, 32) and tokens.shape == (2, 16, 32)
 
-    raw = SiglipVisionModel.from_pretrained(siglip_dir).eval()
+    raw = SiglipVisionModel.from_pretrained(siglip_dir, local_files_only=True).eval()
     tower = getattr(raw, "vision_model", raw)
     with torch.no_grad():
         out = tower(_normalize(images, 32), output_hidden_states=True)
@@ -141,7 +141,7 @@ def test_mae_keeps_every_token_in_identity_order(mae_dir):
     assert cls.shape == (2, 32) and tokens.shape == (2, 16, 32)
 
     # manual forward: patch embeddings + fixed position embeddings in raster order, CLS first, no masking
-    raw = ViTMAEModel.from_pretrained(mae_dir).eval()
+    raw = ViTMAEModel.from_pretrained(mae_dir, local_files_only=True).eval()
     emb = raw.embeddings
     with torch.no_grad():
         patches = emb.patch_embeddings.projection(_normalize(images, 32)).flatten(2).transpose(1, 2)

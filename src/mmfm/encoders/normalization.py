@@ -113,30 +113,28 @@ def load_norm_stats(path: str | os.PathLike) -> LatentNorm:
 
 
 class Welford:
-    """Running float64 mean and sum of squared deviations of ``(N, D)`` grids, exact batch merges."""
+    """Running float64 mean and sum of squared deviations of ``(N, D)`` grids: Chan's exact merge of
+    batch moments (:func:`mmfm.gmm.data.merge_moments`, the one the GMM stage's checking pass uses)."""
 
     def __init__(self):
         self.n, self.mean, self.m2 = 0, None, None
 
     def update(self, z: torch.Tensor) -> None:
         """Add a batch ``z (B, N, D)``."""
+        from mmfm.gmm.data import merge_moments
+
         z = z.detach().to("cpu", torch.float64)
-        b = z.shape[0]
-        if b == 0:
+        if z.shape[0] == 0:
             return
-        bm = z.mean(0)
-        bm2 = ((z - bm) ** 2).sum(0)
         if self.mean is None:
-            self.n, self.mean, self.m2 = b, bm, bm2
-            return
-        if bm.shape != self.mean.shape:
+            self.mean, self.m2 = torch.zeros(z.shape[1:], dtype=torch.float64), torch.zeros(z.shape[1:],
+                                                                                             dtype=torch.float64)
+        if z.shape[1:] != self.mean.shape:
             raise ValueError(f"tokens: expected grids {tuple(self.mean.shape)} like the earlier batches, "
-                             f"got {tuple(bm.shape)}")
-        tot = self.n + b
-        delta = bm - self.mean
-        self.mean = self.mean + delta * (b / tot)
-        self.m2 = self.m2 + bm2 + delta**2 * (self.n * b / tot)
-        self.n = tot
+                             f"got {tuple(z.shape[1:])}")
+        n, mean, m2 = merge_moments(self.n, self.mean.numpy().ravel(), self.m2.numpy().ravel(),
+                                    z.reshape(len(z), -1).numpy())
+        self.n, self.mean, self.m2 = n, torch.from_numpy(mean).view_as(self.mean), torch.from_numpy(m2).view_as(self.m2)
 
     def variance(self, ddof: int = 1) -> torch.Tensor:
         if self.n <= ddof:

@@ -147,10 +147,10 @@ def summarize(source, rows: int = 65536, progress: bool = False) -> DataSummary:
             x = np.concatenate(pending) if len(pending) > 1 else pending[0]
             cut = have - have % _PIECE
             for lo in range(0, cut, _PIECE):
-                n, mean, m2 = _merge(n, mean, m2, x[lo:lo + _PIECE])
+                n, mean, m2 = merge_moments(n, mean, m2, x[lo:lo + _PIECE])
             pending, have = ([x[cut:]] if cut < have else []), have - cut
     if have:
-        n, mean, m2 = _merge(n, mean, m2, np.concatenate(pending))
+        n, mean, m2 = merge_moments(n, mean, m2, np.concatenate(pending))
     if not n:
         raise ValueError("data: no rows")
     var = m2 / n
@@ -161,7 +161,7 @@ def summarize(source, rows: int = 65536, progress: bool = False) -> DataSummary:
     return DataSummary(n=n, dim=dim, mean=mean, variance=var, fingerprint=digest.hexdigest())
 
 
-def _merge(n, mean, m2, x):
+def merge_moments(n, mean, m2, x):
     """Chan's update of ``(count, mean, sum of squared deviations)`` with the (finite) rows ``x``.
 
     Deviations from the piece's mean are taken in float32 (or the rows' wider dtype) and summed in

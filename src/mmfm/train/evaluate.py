@@ -19,7 +19,7 @@ import torch
 
 from mmfm.data.stream import ShardStream
 from mmfm.metrics.frechet import FeatureStats, frechet_distance
-from mmfm.sample import sample_latents
+from mmfm.sample import noise_source, sample_latents
 
 FD_COLUMNS = ("step", "nfe", "fd")
 
@@ -30,7 +30,8 @@ def reference_stats(shards, rows: int = 4096) -> FeatureStats:
     stats = None
     for batch in stream:
         tok = batch["tokens"].reshape(len(batch["tokens"]), -1)
-        stats = stats or FeatureStats(tok.shape[1])
+        if stats is None:
+            stats = FeatureStats(tok.shape[1])
         stats.update(tok[: rows - stats.n])
         if stats.n >= rows:
             break
@@ -79,14 +80,12 @@ def read_fd(path) -> list[dict]:
 def nfe_curve(model_path, shards, out_csv, *, source="gaussian", nfes=(1, 2, 4, 8, 16, 32), n: int = 512,
               seed: int = 0, shift: float = 1.0, rows: int = 4096, device="cpu") -> list[dict]:
     """The Fréchet distance of an exported model's samples at each number of Euler steps."""
-    from mmfm.gmm.files import load_source
-    from mmfm.flow.sources import GaussianSource
     from mmfm.train.released import load_velocity_model, read_metadata
 
     meta = read_metadata(model_path)
     velocity = load_velocity_model(model_path, device)
     shape = (meta["num_tokens"], meta["in_channels"])
-    src = GaussianSource(shape) if str(source) == "gaussian" else load_source(source)
+    src = noise_source(source, shape)
     ref = reference_stats(shards, rows)
     log = FDLog(out_csv)
     out = []
