@@ -253,9 +253,11 @@ def _train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     line = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.items() if k != "losses"}
     line["final_loss"] = res["losses"][-1] if res["losses"] else None
-    print(json.dumps(line) if args.json else
-          f"{'finished' if res['done'] else 'stopped'} at step {res['step']}: checkpoint {res['checkpoint']}"
-          + (f", EMA weights {res['ema']}" if res["ema"] else ""))
+    text = (json.dumps(line) if args.json else
+            f"{'finished' if res['done'] else 'stopped'} at step {res['step']}: checkpoint {res['checkpoint']}"
+            + (f", EMA weights {res['ema']}" if res["ema"] else ""))
+    sys.stdout.write(text + "\n")  # one write: the lines of several ranks on one pipe do not interleave
+    sys.stdout.flush()
     return 0
 
 
