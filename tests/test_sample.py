@@ -131,5 +131,10 @@ def test_sample_command_end_to_end(tmp_path, capsys):
     with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "b.npz") as b:
         assert a["arr_0"].shape == (5, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
     assert (tmp_path / "a.png").is_file()
+    # two processes (gloo, through torchrun): the same image set, merged in index order, no parts left
+    assert main(args + ["--out", str(tmp_path / "two.npz"), "--nproc", "2"]) == 0
+    with np.load(tmp_path / "a.npz") as a, np.load(tmp_path / "two.npz") as two:
+        assert np.array_equal(a["arr_0"], two["arr_0"])
+    assert sorted(p.name for p in tmp_path.glob("two.npz*")) == ["two.npz"]
     assert main(args[:-1] + ["--out", str(tmp_path / "c.npz"), "--source", "gaussian"]) == 2
     assert "needs a Gaussian-mixture" in capsys.readouterr().err

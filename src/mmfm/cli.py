@@ -7,6 +7,7 @@ line of standard output, for scripts and the workflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -183,16 +184,62 @@ def _ref_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relaunched(args: argparse.Namespace) -> bool:
+    """``--nproc N`` (N > 1) outside a launched process: run this same command line as N processes through
+    torchrun's elastic launcher (no wrapper script for Snakemake / SLURM) and return True."""
+    import os
+
+    if args.nproc <= 1 or "LOCAL_RANK" in os.environ:
+        return False
+    from torch.distributed.run import main as torchrun
+
+    argv = list(args.argv)
+    i = argv.index("--nproc")
+    del argv[i:i + 2]
+    # torchrun's own parser refuses the prefix "--n" (ambiguous with its --nnodes, --nproc-per-node, ...)
+    argv = ["--num-samples" if a == "--n" else "--num-samples=" + a[4:] if a.startswith("--n=") else a
+            for a in argv]
+    torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mmfm.cli", *argv])
+    return True
+
+
+@contextlib.contextmanager
+def _process_group():
+    """Join the process group when launched with WORLD_SIZE > 1 (NCCL with CUDA, else gloo); leave it after."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _sample(args: argparse.Namespace) -> int:
+    import os
+
     from mmfm.encoders.normalization import load_norm_stats
     from mmfm.sample import sample_run
 
-    res = sample_run(args.model, args.out, _tokenizer(args), source=args.source, n=args.n, seed=args.seed,
-                     steps=args.steps, method=args.method, shift=args.shift, end=args.end, guide=args.guide,
-                     guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
-                     cfg_scale=args.cfg_scale, norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
-                     batch_size=args.batch_size, device=args.device, grid=args.grid, progress=not args.json)
-    print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
+    if _relaunched(args):
+        return 0
+    device = args.device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    with _process_group():
+        res = sample_run(args.model, args.out, _tokenizer(args), source=args.source, n=args.n, seed=args.seed,
+                         steps=args.steps, method=args.method, shift=args.shift, end=args.end, guide=args.guide,
+                         guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
+                         cfg_scale=args.cfg_scale,
+                         norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
+                         batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
     return 0
 
 
@@ -220,37 +267,21 @@ def _read_config(path: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import os
-
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        # one process per device through torchrun's elastic launcher: no wrapper script for Snakemake / SLURM
-        from torch.distributed.run import main as torchrun
-
-        argv = list(args.argv)
-        i = argv.index("--nproc")
-        del argv[i:i + 2]
-        torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mmfm.cli", *argv])
+    if _relaunched(args):
         return 0
-    import torch
-    import torch.distributed as dist
-
     from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
 
     cfg = _read_config(args.config)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
-                    max_steps=args.max_steps, device=args.device)
+        with _process_group():
+            res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
+                        max_steps=args.max_steps, device=args.device)
     except TrainingInterrupted as stop:
         print(f"mmfm train: {stop}", file=sys.stderr)
         return stop.exit_code
     except NonFiniteLoss as err:
         print(f"mmfm train: error: {err}", file=sys.stderr)
         return 3
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     line = {k: (str(v) if isinstance(v, Path) else v) for k, v in res.items() if k != "losses"}
     line["final_loss"] = res["losses"][-1] if res["losses"] else None
     text = (json.dumps(line) if args.json else
@@ -488,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--model", required=True, help="velocity network .safetensors (import-checkpoint or train)")
     smp.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC; arr_1 labels if class-cond.)")
     smp.add_argument("--source", default="gaussian", help="'gaussian' or a GMM .safetensors (spatial GMM)")
-    smp.add_argument("--n", type=int, default=64)
+    smp.add_argument("--n", "--num-samples", dest="n", type=int, default=64, help="samples in the set")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--steps", type=int, default=50)
     smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5"])
@@ -501,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding")
     smp.add_argument("--decoder", default=None, help="RAE decoder checkpoint (transformers tokenizers)")
     smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
+    smp.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) through torchrun's launcher")
     smp.set_defaults(func=_sample)
 
     weights_help = ("pytorch-fid's FID Inception weights (default: $TORCH_HOME/hub/checkpoints/"
@@ -589,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv  # what `train --nproc` relaunches under torchrun
+    args.argv = argv  # what `train --nproc` and `sample --nproc` relaunch under torchrun
     try:
         return args.func(args)
     except ValueError as err:  # bad input: one clear line, no traceback

@@ -206,7 +206,13 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
     model gets the same modes in its guide) or classifier-free guidance at ``cfg_scale`` for a
     class-conditional model trained with label dropout, decoded by ``tokenizer`` into ADM's ``.npz``
-    (and a PNG ``grid``). Returns what it wrote and the NFE per sample."""
+    (and a PNG ``grid``). Returns what it wrote and the NFE per sample.
+
+    Under ``torch.distributed`` (``mmfm sample --nproc N``) every rank samples and decodes its share
+    (indices ``rank::world``) and writes it to ``out.partR-of-W.npz``; rank 0 merges the parts in index
+    order into ``out`` and removes them. Per-sample seeds make the set the same for any ``N``."""
+    import torch.distributed as dist
+
     from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
     from mmfm.train.released import load_velocity_model, read_metadata
 
@@ -228,12 +234,46 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
         raise ValueError(f"{model}: a mode-conditional model needs a Gaussian-mixture source, not {source!r}")
     if cond == "mode" and src.num_modes != meta["num_classes"]:
         raise ValueError(f"{source}: {src.num_modes} modes, the mode-conditional model has {meta['num_classes']}")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+        else (0, 1)
     got = sample_latents(velocity, src, n, seed=seed, conditioning=cond, num_classes=meta["num_classes"],
-                         steps=steps, method=method, shift=shift, end=end, batch_size=batch_size, device=device,
-                         progress=progress)
+                         steps=steps, method=method, shift=shift, end=end, batch_size=batch_size, rank=rank,
+                         world_size=world, device=device, progress=progress and rank == 0)
     images = decode_latents(tokenizer, got.latents, norm, batch_size)
-    save_npz(out, images, None if got.labels is None else got.labels.numpy())
-    if grid is not None:
-        save_grid(grid, images)
-    return {"out": str(out), "n": n, "conditioning": cond, "nfe_per_sample": got.nfe / max(1, -(-n // batch_size)),
-            "image_shape": list(images.shape[1:])}
+    labels = None if got.labels is None else got.labels.numpy()
+    nfe_per_sample = got.nfe / max(1, -(-len(got.index) // batch_size))
+    if world > 1:
+        images, labels = _gather_parts(Path(out), rank, world, got.index.numpy(), images, labels)
+    if rank == 0:
+        save_npz(out, images, labels)
+        if grid is not None:
+            save_grid(grid, images)
+    if world > 1:
+        dist.barrier()
+    return {"out": str(out), "n": n, "conditioning": cond, "nfe_per_sample": nfe_per_sample,
+            "image_shape": list(images.shape[1:]), "world_size": world}
+
+
+def _gather_parts(out: Path, rank: int, world: int, index: np.ndarray, images: np.ndarray, labels):
+    """Every rank's decoded share through ``out.partR-of-W.npz`` files; rank 0 returns the whole set in index
+    order (other ranks get their own share back). The parts are removed once read."""
+    import torch.distributed as dist
+
+    part = lambda r: out.with_name(f"{out.name}.part{r}-of-{world}.npz")  # noqa: E731
+    extra = {} if labels is None else {"labels": labels}
+    with atomic_path(part(rank)) as p:
+        with open(p, "wb") as f:
+            np.savez(f, index=index, images=images, **extra)
+    dist.barrier()
+    if rank != 0:
+        return images, labels
+    idx, imgs, labs = [], [], []
+    for r in range(world):
+        with np.load(part(r)) as z:
+            idx.append(z["index"])
+            imgs.append(z["images"])
+            if "labels" in z:
+                labs.append(z["labels"])
+        part(r).unlink()
+    order = np.argsort(np.concatenate(idx), kind="stable")
+    return np.concatenate(imgs)[order], (np.concatenate(labs)[order] if labs else None)

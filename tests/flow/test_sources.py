@@ -131,6 +131,39 @@ def test_soft_assignment_samples_the_posterior():
     assert stats.chisquare(counts, expected(r, len(x))).pvalue > 1e-3
 
 
+def test_soft_assignment_over_many_modes_follows_each_rows_posterior():
+    src = random_mixture(k=6, event=(2,), seed=4)
+    x = torch.tensor([[0.5, -1.0]], dtype=torch.float64).expand(60_000, 2)
+    modes = src.assign(x, soft=True, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(modes, minlength=6).numpy()
+    assert stats.chisquare(counts, expected(src.posterior(x[:1])[0], len(x))).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("make", [lambda: GaussianSource((3, 2)), lambda: random_mixture(k=5, event=(3, 2))])
+def test_shares_of_a_draw_are_the_rows_of_one_global_draw(make):
+    """``share=(i, m)``: the m ranks' parts, stacked, are the draw of one process for m * n rows (noise,
+    modes from the weights, and posterior assignments)."""
+    src, n, m = make(), 4, 3
+
+    def draw(share, rows):
+        g = torch.Generator().manual_seed(7)
+        x0, modes = src.sample(rows, generator=g, share=share)
+        return x0, modes
+
+    whole, whole_modes = draw(None, n * m)
+    parts = [draw((i, m), n) for i in range(m)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), whole)
+    if whole_modes is not None:
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole_modes)
+        x = torch.randn(n * m, 3, 2, dtype=torch.float64)
+        full = src.assign(x, generator=torch.Generator().manual_seed(2))
+        split = [src.assign(x[i * n:(i + 1) * n], generator=torch.Generator().manual_seed(2), share=(i, m))
+                 for i in range(m)]
+        assert torch.equal(torch.cat(split), full)
+    with pytest.raises(ValueError, match="share"):
+        src.sample(2, share=(3, 3))
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(weights=torch.tensor([0.5, 0.6])), "weights"),
     (dict(weights=torch.tensor([1.5, -0.5])), "weights"),

@@ -2,6 +2,7 @@
 (in-process, after SIGKILL, after SIGTERM) and the non-finite-loss stop."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -124,7 +125,7 @@ def test_settings_run_and_export(toy, tmp_path, setting):
     assert all(np.isfinite(res["losses"])) and len(res["losses"]) == 12
     assert metric_steps(tmp_path) == list(range(1, 13))
     with open(tmp_path / "metrics.csv", newline="") as f:
-        assert next(csv.reader(f)) == ["step", "loss", "lr", "grad_norm", "samples_per_s"]
+        assert next(csv.reader(f)) == ["step", "loss", "lr", "grad_norm", "samples_per_s", "mfu"]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000010", "step-0000012"]
     from mmfm.train.released import load_velocity_model
 
@@ -187,6 +188,25 @@ def test_resume_in_process_is_bit_identical(toy, tmp_path):
     assert rest["resumed_from"].name == "step-0000011" and rest["step"] == 24
     assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
     assert metric_steps(tmp_path / "cut") == list(range(1, 25))
+
+
+def test_adaptive_weighting_trains_and_resumes_bit_identically(toy, tmp_path):
+    """method.md §3.7 in the loop: ones during warm-up, then a different objective; the table is in the
+    checkpoint, so a resumed run is bit-identical."""
+    root, _ = toy
+    cfg = config(root, "mode", steps=12, checkpoint_every=4, adaptive_weighting=True, adaptive_warmup_steps=3,
+                 adaptive_decay=0.5)
+    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False)
+    train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=7)
+    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False)
+    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    state = json.loads((ref["checkpoint"] / "state.json").read_text())["extra"]["adaptive_weighting"]
+    assert state["updates"] == 12 and len(state["ema"]) == 2
+    plain = train({**cfg, "adaptive_weighting": False}, root / "shards", tmp_path / "plain", progress=False)
+    assert plain["losses"][:3] == ref["losses"][:3]      # warm-up: weights are one
+    assert plain["losses"][3:] != ref["losses"][3:]      # then the weighting changes the objective
+    with pytest.raises(ValueError, match="adaptive_weighting"):
+        train(config(root, adaptive_weighting=True), root / "shards", tmp_path / "g", progress=False)
 
 
 def test_resume_refuses_other_settings(toy, tmp_path):
@@ -357,6 +377,51 @@ def test_two_gloo_ranks_train_and_checkpoint(toy, tmp_path):
     assert len(a["losses"]) == 2 and a["losses"] == b["losses"]
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
+    """The same global batch on 2 gloo ranks (micro 4 x accumulation 2 each) and on 1 process (micro 4 x
+    accumulation 4): the same weights to float tolerance after 6 AdamW steps with clipping and EMA. One
+    shard of exactly one global batch without shuffling, so both see the same rows each step; the noise,
+    modes and times of each row come from one global draw (``share``), whatever the number of ranks."""
+    import json
+    import socket
+
+    root, _ = toy
+    one = tmp_path / "one-batch"
+    one.mkdir()
+    from mmfm.data.stream import read_shard
+
+    rows = read_shard(root / "shards" / "shard-0.parquet", ("image_id", "label", "cls", "tokens"))
+    meta = {"encoder": "toy", "revision": "0", "grid": [2, 2], "token_dim": 2, "cls_dim": 2}
+    shards.write_shard(one / "shard-0.parquet", {k: np.asarray(v)[:16] for k, v in rows.items()}, meta,
+                       row_group_rows=8)
+    cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=6, shuffle=False,
+                 grad_clip=0.5)
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(one), str(tmp_path / "two")],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    res = train(cfg, one, tmp_path / "one", progress=False, device="cpu")
+    assert (res["micro_batch"], res["accumulation"]) == (4, 4)
+    a, b = weights(tmp_path / "two" / "step-0000006"), weights(res["checkpoint"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the comparison has teeth: 6 steps moved the weights far more than the tolerance
+    torch.manual_seed(cfg["seed"])  # as train() does before building the model
+    init = loop.build_model(TrainConfig.from_dict(cfg), 4, 2, 2).state_dict()
+    moved = max(float((b[f"model.{k}"] - v).abs().max()) for k, v in init.items())
+    assert moved > 1e-3, moved
+
+
 def test_train_command_runs_resumes_and_reports(toy, tmp_path, capsys):
     import json
 
@@ -411,6 +476,16 @@ def test_fd_over_training_is_logged_and_does_not_change_the_weights(toy, tmp_pat
     rows = read_fd(tmp_path / "b" / "fd.csv")
     assert [r["step"] for r in rows] == [5, 10, 15, 20] and all(r["nfe"] == 4 and r["fd"] > 0 for r in rows)
     assert rows[-1]["fd"] < rows[0]["fd"]
+    # the same curves in TensorBoard, read back with its own event reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    events.Reload()
+    fd = [(e.step, e.value) for e in events.Scalars("eval/frechet_distance")]
+    assert fd == [(r["step"], pytest.approx(r["fd"], rel=1e-5)) for r in rows]  # csv: 6 digits
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 21))
+    assert [pytest.approx(e.value, rel=1e-5) for e in events.Scalars("train/loss")] == b["losses"]
+    assert "train/mfu" not in events.Tags()["scalars"]  # MFU is logged on CUDA only
 
 
 def test_nfe_curve_command(toy, tmp_path, capsys):

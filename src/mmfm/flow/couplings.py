@@ -1,9 +1,11 @@
 """Couplings: how a batch of data ``x1`` is paired with source samples ``x0``.
 
-Every coupling is called as ``coupling(x1, descriptor=None, generator=None) -> (x0, x1, modes)``:
+Every coupling is called as ``coupling(x1, descriptor=None, generator=None, share=None) -> (x0, x1, modes)``:
 ``x0`` has ``x1``'s shape (float32), ``modes`` is ``(B,)`` int64 (the source mode of each ``x0``) or
 ``None`` for a Gaussian source. ``x1`` is returned in its own order so labels and descriptors that
-travel with it stay aligned.
+travel with it stay aligned. ``share=(rank, world)`` draws the rank's rows of one global draw (see
+:mod:`mmfm.flow.sources`), so the independent and mode couplings give row ``j`` of a global batch the same
+noise however many ranks share it; minibatch OT solves within each rank's rows.
 
 - :class:`IndependentCoupling` -- ``x0 ~ p`` ignoring ``x1`` (for a mixture, ``k ~ pi``).
 - :class:`ModeCoupling` -- MM-FM (method.md §3.4): ``k ~ r(. | c(x1))`` from the posterior of a
@@ -36,9 +38,9 @@ class IndependentCoupling:
     def __init__(self, source: Source):
         self.source = source
 
-    def __call__(self, x1, descriptor=None, generator=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None):
         x1 = _check_x1(x1, self.source)
-        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device)
+        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share)
         return x0, x1, modes
 
 
@@ -63,7 +65,8 @@ class ModeCoupling:
             )
         self.source, self.assigner = source, assigner
 
-    def modes(self, x1: torch.Tensor, descriptor: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+    def modes(self, x1: torch.Tensor, descriptor: torch.Tensor | None = None, generator=None,
+              share=None) -> torch.Tensor:
         """The mode of each row of the batch, ``(B,)``."""
         if self.assigner is None:
             if descriptor is not None:
@@ -75,12 +78,12 @@ class ModeCoupling:
             c, mixture = _checks.tensor("descriptor", descriptor), self.assigner
             if c.shape[0] != x1.shape[0]:
                 raise ValueError(f"descriptor: expected {x1.shape[0]} rows like x1, got {c.shape[0]}")
-        return mixture.assign(c, soft=self.assignment == "soft", generator=generator)
+        return mixture.assign(c, soft=self.assignment == "soft", generator=generator, share=share)
 
-    def __call__(self, x1, descriptor=None, generator=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None):
         x1 = _check_x1(x1, self.source)
-        k = self.modes(x1, descriptor, generator)
-        x0, k = self.source.sample(x1.shape[0], modes=k, generator=generator, device=x1.device)
+        k = self.modes(x1, descriptor, generator, share)
+        x0, k = self.source.sample(x1.shape[0], modes=k, generator=generator, device=x1.device, share=share)
         return x0, x1, k
 
 
@@ -105,9 +108,9 @@ class MinibatchOTCoupling:
         w = np.full(n, 1.0 / n)
         return ot.emd(w, w, cost, numItermax=max(100_000, 50 * n * n))
 
-    def __call__(self, x1, descriptor=None, generator=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None):
         x1 = _check_x1(x1, self.source)
-        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device)
+        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share)
         if x1.shape[0] < 2:
             return x0, x1, modes
         src = torch.from_numpy(self.plan(x0, x1).argmax(axis=0)).to(x0.device)  # x0 row for each x1

@@ -3,6 +3,11 @@
 A source has an event shape (``(D,)`` for vectors, ``(N, D)`` for token latents, any shape in general)
 and ``sample(n, modes=None, generator=None) -> (x0, modes)``. Samples are drawn in float32 whatever
 the dtype of the stored parameters (design.md §2: the source noise and the ODE state are fp32).
+
+``share=(i, m)`` (training under ``torch.distributed``): draw as if for ``m * n`` rows and keep rows
+``[i n, (i + 1) n)``. Every rank then holds its part of one global draw, so what row ``j`` of the global
+batch receives does not depend on how many ranks share the batch (``m`` times the random numbers of a
+rank's own batch, a few milliseconds on a GPU even for ImageNet latents).
 """
 
 from __future__ import annotations
@@ -14,6 +19,20 @@ import torch
 from mmfm import _checks
 
 LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _share(share: tuple[int, int] | None) -> tuple[int, int]:
+    i, m = (0, 1) if share is None else (int(share[0]), int(share[1]))
+    if not (m >= 1 and 0 <= i < m):
+        raise ValueError(f"share: expected (index, count) with 0 <= index < count, got {share!r}")
+    return i, m
+
+
+def draw(fn, n: int, share: tuple[int, int] | None, *args, **kw) -> torch.Tensor:
+    """``fn((m * n, *args), **kw)[i n : (i + 1) n]`` for ``share = (i, m)``: this rank's rows of a global draw."""
+    i, m = _share(share)
+    out = fn((m * n, *args), **kw)
+    return out if m == 1 else out[i * n:(i + 1) * n]
 
 
 def _device_of(generator: torch.Generator | None, device) -> torch.device | str | None:
@@ -38,11 +57,12 @@ class GaussianSource:
         modes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         device=None,
+        share: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, None]:
         if modes is not None:
             raise ValueError("modes: a Gaussian source has no modes; pass modes=None")
         _checks.integer("n", n, minimum=0)
-        x0 = torch.randn((n, *self.event_shape), generator=generator, device=_device_of(generator, device))
+        x0 = draw(torch.randn, n, share, *self.event_shape, generator=generator, device=_device_of(generator, device))
         return x0, None
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,13 +125,15 @@ class GaussianMixtureSource:
 
     # ----------------------------------------------------------------------------------------------
     # sampling
-    def sample_modes(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_modes(self, n: int, generator: torch.Generator | None = None,
+                     share: tuple[int, int] | None = None) -> torch.Tensor:
         """``k_i ~ Categorical(pi)``, shape ``(n,)`` int64, on the generator's (or the weights') device."""
         _checks.integer("n", n, minimum=0)
         w = self.weights.to(device=generator.device) if generator is not None else self.weights
         if n == 0:
             return torch.zeros(0, dtype=torch.long, device=w.device)
-        return torch.multinomial(w.float(), n, replacement=True, generator=generator)
+        return draw(lambda size, **kw: torch.multinomial(w.float(), size[0], replacement=True, **kw), n, share,
+                    generator=generator)
 
     def sample(
         self,
@@ -119,6 +141,7 @@ class GaussianMixtureSource:
         modes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         device=None,
+        share: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x0 = mu_k + sigma_k * eps`` with ``eps ~ N(0, I)`` in float32; returns ``(x0, modes)``.
 
@@ -127,11 +150,11 @@ class GaussianMixtureSource:
         """
         _checks.integer("n", n, minimum=0)
         if modes is None:
-            modes = self.sample_modes(n, generator)
+            modes = self.sample_modes(n, generator, share)
         else:
             _checks.labels("modes", modes, self.num_modes, batch=n)
         dev = _device_of(generator, device) or self.means.device
-        eps = torch.randn((n, *self.event_shape), generator=generator, device=dev)
+        eps = draw(torch.randn, n, share, *self.event_shape, generator=generator, device=dev)
         idx = modes.to(self.means.device)
         mean = self.means[idx].to(device=dev, dtype=torch.float32)
         std = self.variances[idx].to(device=dev, dtype=torch.float32).sqrt()
@@ -185,13 +208,20 @@ class GaussianMixtureSource:
         """Responsibilities ``r_k(x) = p(k | x)``, shape ``(B, K)``, rows summing to one."""
         return torch.softmax(self.log_joint(x), dim=1)
 
-    def assign(self, x: torch.Tensor, soft: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mode of each row: sampled from the posterior (``soft``) or its argmax (hard). ``(B,)`` int64."""
+    def assign(self, x: torch.Tensor, soft: bool = True, generator: torch.Generator | None = None,
+               share: tuple[int, int] | None = None) -> torch.Tensor:
+        """Mode of each row: sampled from the posterior (``soft``) or its argmax (hard). ``(B,)`` int64.
+
+        Soft assignment inverts each row's posterior CDF at one uniform ``u_i``:
+        ``k_i = #{k : sum_{l <= k} r_l(x_i) <= u_i}`` (one random number per row, so ``share`` applies).
+        """
         logits = self.log_joint(x)
         if not soft:
             return logits.argmax(1)
-        probs = torch.softmax(logits.float(), dim=1)
-        if generator is not None and generator.device != probs.device:
-            probs = probs.to(generator.device)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).to(x.device)
+        cdf = torch.softmax(logits.double(), dim=1).cumsum(1)
+        dev = generator.device if generator is not None else cdf.device
+        u = draw(torch.rand, x.shape[0], share, generator=generator, device=dev, dtype=torch.float64)
+        u = u.to(cdf.device) * cdf[:, -1]  # the last CDF entry is 1 up to rounding
+        k = torch.searchsorted(cdf, u.unsqueeze(1), right=True).squeeze(1)
+        return k.clamp_max(self.num_modes - 1).to(x.device)
 

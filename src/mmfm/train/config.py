@@ -22,7 +22,11 @@ that names the key. Keys (defaults in brackets):
   arguments of ``build_ditdh`` / ``VelocityMLP``);
 - data: ``shuffle`` [True], ``buffer_rows`` [4096];
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
-  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False];
+  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False],
+  ``tensorboard`` [True] (events in ``out_dir/tensorboard`` beside ``metrics.csv``);
+- adaptive per-mode loss weighting (method.md §3.7; GMM source only): ``adaptive_weighting`` [False],
+  ``adaptive_decay`` [0.9995], ``adaptive_warmup_steps`` [78], ``adaptive_gamma`` [2.0],
+  ``adaptive_clamp`` [(0.3, 3.0)] (see :mod:`mmfm.train.weighting`);
 - evaluation: ``eval_every`` [0: off] steps, the Fréchet distance of ``eval_samples`` [512] EMA
   samples (``eval_steps`` [20] Euler steps) to the first ``eval_rows`` [4096] data rows, in ``fd.csv``.
 """
@@ -86,6 +90,12 @@ class TrainConfig:
     log_every: int = 10
     precision: str = "fp32"
     compile: bool = False
+    adaptive_weighting: bool = False
+    adaptive_decay: float = 0.9995
+    adaptive_warmup_steps: int = 78
+    adaptive_gamma: float = 2.0
+    adaptive_clamp: tuple[float, float] = (0.3, 3.0)
+    tensorboard: bool = True
     eval_every: int = 0
     eval_samples: int = 512
     eval_steps: int = 20
@@ -104,7 +114,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown key(s) {unknown}; known keys are {sorted(known)}")
         kw = dict(d)
-        for key in ("betas", "time_interval"):
+        for key in ("betas", "time_interval", "adaptive_clamp"):
             if key in kw:
                 v = kw[key]
                 if not (isinstance(v, (list, tuple)) and len(v) == 2):
@@ -119,20 +129,21 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples as lists), the inverse of :meth:`from_dict`."""
         out = dataclasses.asdict(self)
-        for key in ("betas", "time_interval"):
+        for key in ("betas", "time_interval", "adaptive_clamp"):
             out[key] = list(out[key])
         return out
 
     def __post_init__(self):
         ints = dict(global_batch=1, micro_batch_max=1, steps=0, initial_steps=0, decay_start=0, decay_end=0,
                     ema_initial_steps=0, num_classes=0, buffer_rows=0, seed=0, checkpoint_every=1,
-                    keep_last=1, log_every=1, eval_every=0, eval_samples=2, eval_steps=1, eval_rows=2)
+                    keep_last=1, log_every=1, adaptive_warmup_steps=0, eval_every=0, eval_samples=2, eval_steps=1, eval_rows=2)
         for key, lo in ints.items():
             v = getattr(self, key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
                 raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
         for key in ("lr", "final_lr", "initial_lr", "weight_decay", "eps", "grad_clip", "ema_decay",
-                    "ema_initial_decay", "time_mu", "time_sigma", "class_dropout_prob"):
+                    "ema_initial_decay", "time_mu", "time_sigma", "class_dropout_prob", "adaptive_decay",
+                    "adaptive_gamma"):
             v = getattr(self, key)
             if v is None and key in ("final_lr", "initial_lr", "ema_initial_decay"):
                 continue
@@ -144,7 +155,7 @@ class TrainConfig:
         for key in ("final_lr", "initial_lr", "weight_decay", "grad_clip"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{key}: expected a number >= 0, got {getattr(self, key)!r}")
-        for key in ("ema_decay", "ema_initial_decay"):
+        for key in ("ema_decay", "ema_initial_decay", "adaptive_decay"):
             v = getattr(self, key)
             if v is not None and not 0 <= v <= 1:
                 raise ValueError(f"{key}: expected a decay in [0, 1], got {v!r}")
@@ -163,7 +174,12 @@ class TrainConfig:
                              ("conditioning", CONDITIONINGS), ("precision", PRECISIONS), ("model", MODELS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
-        for key in ("shuffle", "compile"):
+        lo_w, hi_w = self.adaptive_clamp
+        if not (isinstance(lo_w, (int, float)) and isinstance(hi_w, (int, float)) and 0 < lo_w <= 1 <= hi_w):
+            raise ValueError(f"adaptive_clamp: expected 0 < lo <= 1 <= hi, got {self.adaptive_clamp!r}")
+        if self.adaptive_weighting and self.source != "gmm":
+            raise ValueError("adaptive_weighting: per-mode weights need source 'gmm' (the modes of the noise)")
+        for key in ("shuffle", "compile", "adaptive_weighting", "tensorboard"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
         for key in ("gmm", "cls_gmm"):
@@ -217,5 +233,5 @@ class TrainConfig:
 
 
 #: Keys that may change between a run and its resumption (they do not change what was trained so far).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile", "eval_every", "eval_samples",
-                     "eval_steps", "eval_rows")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile", "tensorboard", "eval_every",
+                     "eval_samples", "eval_steps", "eval_rows")

@@ -5,11 +5,16 @@ One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micr
 1. the next ``B`` rows of the :class:`~mmfm.data.stream.ShardStream`: ``x1 = tokens (B, N, D)``, and the
    CLS descriptors ``cls (B, Dc)`` (mode coupling) or the labels ``label (B,)`` (class conditioning);
 2. coupling ``(x0, x1, modes) = coupling(x1, cls)``, times ``t ~ TimeSampler (B,)`` (shifted),
-   ``x_t = (1 - t) x0 + t x1``, target ``u = x1 - x0`` (paper convention, t = 0 is the source), all
-   drawn for the whole per-rank batch at once from one ``torch.Generator`` seeded by ``(seed, rank)``;
-   so the accumulation split changes no random draw and no row, only how the batch is cut;
+   ``x_t = (1 - t) x0 + t x1``, target ``u = x1 - x0`` (paper convention, t = 0 is the source). Every
+   rank draws from one ``torch.Generator`` seeded by ``seed`` alone, as if for the whole global batch,
+   and keeps its own rows (``share=(rank, world)``): row ``j`` of a global batch gets the same noise,
+   mode and time on 1 or on 8 ranks, and the accumulation split changes no draw, only how the batch is
+   cut. (Which data rows form a global batch does depend on the number of ranks: each rank streams its
+   own contiguous part of the epoch, :mod:`mmfm.data.stream`, reading 1/world of the data.)
 3. ``accumulation`` micro-steps of ``micro`` rows: forward (bf16 autocast on CUDA when asked), loss
    ``velocity_loss * micro / B`` (the per-rank mean), backward (DDP ``no_sync`` on all but the last);
+   With ``adaptive_weighting`` the per-sample losses are weighted by their mode's
+   :class:`~mmfm.train.weighting.AdaptiveModeWeighting` (method.md §3.7), updated after the step;
 4. clip the gradient norm, AdamW step, LR scheduler step (``LambdaLR`` with
    :meth:`~mmfm.train.schedule.LRSchedule.factor`), EMA update with the decay of this step.
 
@@ -54,11 +59,13 @@ from mmfm.train.config import RESUMABLE_CHANGES, TrainConfig
 from mmfm.train.ema import EMA
 from mmfm.train.evaluate import FDLog, fd_of_model, reference_stats
 from mmfm.train.schedule import derive_batch
+from mmfm.train.weighting import AdaptiveModeWeighting
 
 log = logging.getLogger(__name__)
 
 METRICS = "metrics.csv"
-METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s")
+METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "mfu")
+TENSORBOARD = "tensorboard"
 EMA_EXPORT = "ema.safetensors"
 FD_LOG = "fd.csv"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -190,12 +197,17 @@ def _stop_signals(flag: dict):
 
 
 class _Metrics:
-    """``metrics.csv`` (rank 0): rows after ``start`` (left by a killed run) are dropped on resume."""
+    """``metrics.csv`` and TensorBoard events (rank 0): rows after ``start`` (left by a killed run) are
+    dropped on resume, and TensorBoard's ``purge_step`` hides its events after ``start``."""
 
-    def __init__(self, path: Path, start: int, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, start: int, enabled: bool, tensorboard: Path | None = None):
+        self.path, self.enabled, self.writer = path, enabled, None
         if not enabled:
             return
+        if tensorboard is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard), purge_step=start if start > 0 else None)
         rows = []
         if path.is_file() and start > 0:
             with open(path, newline="") as f:
@@ -209,6 +221,27 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, METRIC_COLUMNS).writerow(row)
+            if self.writer is not None:
+                for key in METRIC_COLUMNS[1:]:
+                    if row.get(key) not in (None, ""):
+                        self.writer.add_scalar(f"train/{key}", float(row[key]), int(row["step"]))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _flops_per_sample(raw: nn.Module, num_tokens: int, token_dim: int, conditional: bool, device) -> float:
+    """Forward + backward FLOPs of one sample, counted by torch's ``FlopCounterMode`` on two rows."""
+    from mmfm.bench.train import count_flops
+
+    x = torch.zeros(2, num_tokens, token_dim, device=device)
+    y = torch.zeros(2, dtype=torch.long, device=device) if conditional else None
+    return count_flops(raw, (x, torch.full((2,), 0.5, device=device), x), y) / 2
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -275,8 +308,11 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     lr_schedule = cfg.lr_schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
     ema = EMA(raw, cfg.ema_schedule())
-    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed, rank))
+    gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed))  # the same on every rank
+    share, rows = (rank, world), slice(rank * per_rank, (rank + 1) * per_rank)
     generators = {"train": gen}
+    weighting = (AdaptiveModeWeighting(source.num_modes, cfg.adaptive_decay, cfg.adaptive_warmup_steps,
+                                       cfg.adaptive_gamma, cfg.adaptive_clamp) if cfg.adaptive_weighting else None)
 
     # ---- resume
     step, resumed_from = 0, None
@@ -286,6 +322,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                                generators=generators, rank=rank)
         _check_resumable(info["config"], cfg, ckpt)
         stream.load_state_dict(info["extra"]["stream"])
+        if weighting is not None:
+            weighting.load_state_dict(info["extra"]["adaptive_weighting"])
         step, resumed_from = int(info["step"]), ckpt
         log.info("resumed from %s at step %d", ckpt, step)
     last_ckpt = ckpt
@@ -301,6 +339,12 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
             warnings.warn("precision bf16: autocast is used on CUDA only; training in fp32 on the CPU", stacklevel=2)
     params = [p for p in raw.parameters() if p.requires_grad]
 
+    def extra_state() -> dict:
+        extra = {"stream": stream.state_dict()}
+        if weighting is not None:
+            extra["adaptive_weighting"] = weighting.state_dict()
+        return extra
+
     def checkpoint(at: int) -> Path | None:
         rngs = [get_rng_state(generators)]
         if distributed:
@@ -310,17 +354,23 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
         saved = None
         if rank == 0:
             saved = save_checkpoint(out_dir, step=at, model=raw, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                                    extra={"stream": stream.state_dict()}, config=cfg.to_dict(), rng=rngs)
+                                    extra=extra_state(), config=cfg.to_dict(), rng=rngs)
             keep_last(out_dir, cfg.keep_last)
         if distributed:
             dist.barrier()
         return saved if rank == 0 else out_dir
 
-    evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step)
-                if cfg.eval_every and rank == 0 else None)  # Fréchet distance over training, rank 0
-
     stop = cfg.steps if max_steps is None else min(cfg.steps, step + int(max_steps))
-    metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0)
+    metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0,
+                       tensorboard=out_dir / TENSORBOARD if cfg.tensorboard else None)
+    evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step,
+                           metrics) if cfg.eval_every and rank == 0 else None)  # Fréchet distance, rank 0
+    peak = None  # MFU = samples/s * FLOPs per sample / (ranks * the device's dense bf16 peak), on CUDA
+    if device.type == "cuda" and rank == 0:
+        from mmfm.bench.train import device_peak
+
+        peak = device_peak(device)[1]
+        flops = _flops_per_sample(raw, num_tokens, token_dim, cfg.conditioning != "none", device) if peak else None
     losses: list[float] = []
     flag: dict = {}
     batches = stream.forever()
@@ -333,8 +383,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                 batch = next(batches)
                 x1 = batch["tokens"].to(device=device, dtype=torch.float32)
                 cls = batch["cls"].to(device=device, dtype=torch.float32) if "cls" in batch else None
-                x0, x1, modes = coupling(x1, descriptor=cls, generator=gen)
-                t = times(per_rank, generator=gen, device=device)
+                x0, x1, modes = coupling(x1, descriptor=cls, generator=gen, share=share)
+                t = times(cfg.global_batch, generator=gen, device=device)[rows]
                 xt, u = path.sample(x0, x1, t)
                 cond = {}
                 if cfg.conditioning == "mode":
@@ -342,9 +392,11 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                 elif cfg.conditioning == "class":
                     cond["y"] = batch["label"].to(device=device, dtype=torch.long)
                     if cfg.class_dropout_prob > 0:
-                        drop = torch.rand(per_rank, generator=gen, device=device) < cfg.class_dropout_prob
+                        drop = torch.rand(cfg.global_batch, generator=gen, device=device)[rows] < cfg.class_dropout_prob
                         cond["drop"] = drop
 
+                mode_weights = weighting.weights(modes) if weighting is not None else None
+                per_sample = []
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum = torch.zeros((), device=device)
                 for i in range(accum):
@@ -353,7 +405,12 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                     with sync:
                         with autocast:
                             v = model(xt[sl], t[sl], **{k: c[sl] for k, c in cond.items()})
-                        loss = velocity_loss(v, u[sl]) * (micro / per_rank)
+                        if mode_weights is None:
+                            loss = velocity_loss(v, u[sl]) * (micro / per_rank)
+                        else:
+                            plain = velocity_loss(v, u[sl], reduction="none")
+                            per_sample.append(plain.detach())
+                            loss = (plain * mode_weights[sl]).mean() * (micro / per_rank)
                         loss.backward()
                     loss_sum += loss.detach()
                 if distributed:
@@ -363,6 +420,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                 loss_value, norm_value = float(loss_sum), float(grad_norm)
                 if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                     raise NonFiniteLoss(step, loss_value, norm_value, last_ckpt)
+                if weighting is not None:
+                    weighting.update(modes, torch.cat(per_sample))
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -375,8 +434,9 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                 if step % cfg.log_every == 0 or step == stop:
                     now = time.perf_counter()
                     rate = window_steps * cfg.global_batch / max(now - window_t, 1e-9)
+                    mfu = f"{rate * flops / (world * peak):.4g}" if peak else ""
                     metrics.write({"step": step, "loss": f"{loss_value:.6g}", "lr": f"{lr:.6g}",
-                                   "grad_norm": f"{norm_value:.6g}", "samples_per_s": f"{rate:.4g}"})
+                                   "grad_norm": f"{norm_value:.6g}", "samples_per_s": f"{rate:.4g}", "mfu": mfu})
                     bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}")
                     window_t, window_steps = now, 0
                 if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -394,6 +454,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                     raise TrainingInterrupted(step, signum, last_ckpt)
     finally:
         bar.close()
+        metrics.close()
 
     if saved_at != step:
         last_ckpt = checkpoint(step)
@@ -406,7 +467,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 
 
 def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_labels: int, shift: float, device,
-               path: Path, start: int):
+               path: Path, start: int, metrics: _Metrics):
     """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``."""
     reference = reference_stats(shards, cfg.eval_rows)
     evaluator, log_ = copy.deepcopy(raw).eval(), FDLog(path, start)
@@ -417,6 +478,7 @@ def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_l
                               conditioning=cfg.conditioning, num_classes=num_labels, steps=cfg.eval_steps,
                               shift=shift, device=device)
         log_.write(step, nfe, fd)
+        metrics.scalar("eval/frechet_distance", fd, step)
 
     return evaluate
 

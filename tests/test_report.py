@@ -1,0 +1,216 @@
+"""mmfm.report: summary.json (targets on the evaluated grid, ratios, stages), tables and figures."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from mmfm import report
+from mmfm.toy import r10
+
+BENCH_HEAD = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+# fd over steps 100..400; the baseline ends at 5.0
+FD = {
+    "gauss": [10.0, 8.0, 6.0, 5.0],
+    "mode": [7.0, 4.9, 5.5, 3.0],  # first <= 5 at 200 (not monotone afterwards)
+    "indep": [9.0, 6.0, 5.0, 4.0],  # reaches it exactly (<=) at 300
+    "never": [9.0, 8.0, 7.0, 6.0],
+}
+NFES = (1, 2, 4, 8, 16, 32)
+NFE_FD = {
+    "gauss": [50.0, 30.0, 20.0, 12.0, 8.0, 6.0],  # default target 6.0, reached first at 32
+    "mode": [40.0, 15.0, 6.0, 5.0, 4.0, 3.9],  # 6.0 reached (==) at 4
+    "indep": [45.0, 25.0, 14.0, 9.0, 7.0, 6.5],  # never reaches 6.0
+    "never": [60.0, 40.0, 30.0, 20.0, 15.0, 12.0],
+}
+
+
+def _write_fd(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "nfe", "fd"])
+        w.writerows(rows)
+
+
+def _run(root, name, n_metrics=400):
+    d = root / name
+    d.mkdir(parents=True)
+    with open(d / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "lr", "grad_norm", "samples_per_s"])
+        for s in range(1, n_metrics + 1):
+            w.writerow([s, f"{2.0 / s ** 0.5 + 0.01 * (s % 7):.6g}", "1e-4", "0.5", "1000"])
+    _write_fd(d / "fd.csv", [(100 * (i + 1), 20, v) for i, v in enumerate(FD[name])])
+    # an older evaluation (step 200, all good) that must be ignored: only the largest step counts
+    _write_fd(root / f"{name}-nfe.csv", [(200, n, 1.0) for n in NFES]
+              + [(400, n, v) for n, v in reversed(list(zip(NFES, NFE_FD[name])))])
+    return {"run_dir": d, "samples": root / f"{name}.npz", "nfe_curve": root / f"{name}-nfe.csv", "metric": "fd"}
+
+
+def _bench(folder, rel, rows):
+    p = folder / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(BENCH_HEAD + "".join(f"{s}\t0:00:01\t{rss}\t1\t1\t1\t0\t0\t50\t1\n" for s, rss in rows))
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return {name: _run(tmp_path / "runs", name) for name in FD}
+
+
+@pytest.fixture
+def bench(tmp_path):
+    b = tmp_path / "benchmarks"
+    _bench(b, "train/run=gauss.tsv", [(100.5, 2000.0)])
+    _bench(b, "train/run=mode.tsv", [(80.0, "-")])
+    _bench(b, "train/run=indep.tsv", [("NA", 1500.0)])
+    _bench(b, "sample/run=gauss/seed=0.tsv", [(4.5, 800.0)])
+    _bench(b, "fit_gmm.tsv", [(10.0, 300.0), (20.0, 350.0)])  # two repeats: mean s, max rss
+    _bench(b, "report.tsv", [("-", "NA")])
+    return b
+
+
+@pytest.fixture
+def toy_json(tmp_path):
+    rows = [{"setting": s, "source": src, "coupling": c, "len": round(1.5 + 0.1 * i, 4), "w2": 1.3, "w2_floor": 1.2,
+             "paper_len": p[0], "paper_w2": p[1], "seconds": 0.1} for i, ((s, src, c), p) in enumerate(r10.PAPER.items())]
+    return r10.write_outputs(rows, r10.R10Config(), tmp_path / "toy")["json"]
+
+
+def _png(path):
+    assert path.is_file() and path.stat().st_size > 10_000
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 400 and im.height > 300
+
+
+def test_summary_targets_ratios_stages(tmp_path, runs, bench, toy_json):
+    runs["indep"]["final"] = tmp_path / "indep-fid.json"
+    (tmp_path / "indep-fid.json").write_text(json.dumps({"fid": 3.21, "n": 100}))
+    runs["indep"]["metric"] = "fid"
+    out = tmp_path / "results" / "summary.json"
+    s = report.summarize(runs, baseline="gauss", out=out, toy_r10=toy_json, benchmarks=bench)
+    assert json.loads(out.read_text()) == s
+    assert sorted(p.name for p in out.parent.iterdir()) == ["summary.json"]  # no temp file left
+    assert s["baseline"] == "gauss" and s["steps_target"] == 5.0 and s["nfe_target"] == 6.0
+    r = s["runs"]
+    assert {k: r[k]["steps_to_baseline_final"] for k in r} == {"gauss": 400, "mode": 200, "indep": 300, "never": None}
+    assert {k: r[k]["steps_ratio"] for k in r} == {"gauss": 1.0, "mode": 2.0, "indep": pytest.approx(4 / 3),
+                                                   "never": None}
+    assert {k: r[k]["nfe_for_target"] for k in r} == {"gauss": 32, "mode": 4, "indep": None, "never": None}
+    assert {k: r[k]["nfe_ratio"] for k in r} == {"gauss": 1.0, "mode": 8.0, "indep": None, "never": None}
+    assert r["mode"]["final"] == 3.0 and r["indep"]["final"] == 3.21 and r["indep"]["metric"] == "fid"
+    assert r["mode"]["fd_over_steps"] == [[100, 7.0], [200, 4.9], [300, 5.5], [400, 3.0]]
+    assert r["mode"]["steps"] == 400 and r["mode"]["final_loss"] == pytest.approx(2.0 / 20 + 0.01 * (400 % 7))
+    assert r["mode"]["samples"].endswith("mode.npz")
+    assert r["gauss"]["wall_s"] == pytest.approx(105.0) and r["mode"]["wall_s"] == 80.0 and r["indep"]["wall_s"] is None
+    assert s["stages"] == {
+        "fit_gmm": {"jobs": 1, "wall_s": 15.0, "max_s": 15.0, "peak_mem_mb": 350.0},
+        "report": {"jobs": 1, "wall_s": None, "max_s": None, "peak_mem_mb": None},
+        "sample": {"jobs": 1, "wall_s": 4.5, "max_s": 4.5, "peak_mem_mb": 800.0},
+        "train": {"jobs": 3, "wall_s": 180.5, "max_s": 100.5, "peak_mem_mb": 2000.0},
+    }
+    toy = s["toy_r10"]["rows"]
+    assert len(toy) == 6 and toy[2]["len"] == 1.7 and (toy[2]["paper_len"], toy[2]["paper_w2"]) == (1.67, 1.248)
+    assert set(s["toy_r10"]["claims"]) == {"compact", "spread"}
+
+
+def test_explicit_nfe_target_and_no_extras(tmp_path, runs):
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json", nfe_target=13.0)
+    r = s["runs"]
+    assert {k: r[k]["nfe_for_target"] for k in r} == {"gauss": 8, "mode": 4, "indep": 8, "never": 32}
+    assert r["mode"]["nfe_ratio"] == 2.0 and r["never"]["nfe_ratio"] == 0.25
+    assert s["stages"] == {} and s["toy_r10"] is None and r["gauss"]["wall_s"] is None
+
+
+def test_read_benchmarks_na(bench):
+    recs = {(r["rule"], r["wildcards"]): r for r in report.read_benchmarks(bench)}
+    assert set(recs) == {("train", "run=gauss"), ("train", "run=mode"), ("train", "run=indep"),
+                         ("sample", "run=gauss/seed=0"), ("fit_gmm", ""), ("report", "")}
+    assert (recs[("train", "run=mode")]["s"], recs[("train", "run=mode")]["max_rss"]) == (80.0, None)
+    assert (recs[("train", "run=indep")]["s"], recs[("train", "run=indep")]["max_rss"]) == (None, 1500.0)
+    assert recs[("fit_gmm", "")]["s"] == 15.0 and recs[("fit_gmm", "")]["repeats"] == 2
+
+
+def test_benchmark_table(bench, tmp_path):
+    with open(report.benchmark_table(bench, tmp_path / "bench.csv"), newline="") as f:
+        rows = {r["rule"]: r for r in csv.DictReader(f)}
+    assert rows["train"] == {"rule": "train", "jobs": "3", "wall_s": "180.5", "mean_s": str(180.5 / 3),
+                             "max_s": "100.5", "peak_mem_mb": "2000.0"}
+    assert rows["report"]["wall_s"] == "" and rows["report"]["peak_mem_mb"] == ""
+    page = report.benchmark_table(bench, tmp_path / "bench.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<td>train</td>" in page and "<td>180.5</td>" in page
+
+
+def test_errors_name_the_file(tmp_path, runs, bench):
+    fd = runs["mode"]["run_dir"] / "fd.csv"
+    fd.write_text("step,nfe,value\n100,20,3.0\n")
+    with pytest.raises(ValueError, match=r"fd\.csv: missing column\(s\) \['fd'\]") as err:
+        report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
+    assert str(fd) in str(err.value) and not (tmp_path / "s.json").exists()
+    fd.write_text("step,nfe,fd\n100,20,oops\n")
+    with pytest.raises(ValueError, match="malformed row") as err:
+        report.read_curve(fd)
+    assert str(fd) in str(err.value)
+    fd.unlink()
+    with pytest.raises(FileNotFoundError, match="fd.csv: no such file"):
+        report.plot_training_curves({"mode": runs["mode"]["run_dir"]}, tmp_path / "t.png")
+    bad = bench / "train" / "run=bad.tsv"
+    bad.write_text("s\th:m:s\n1.0\t0:00:01\n")
+    with pytest.raises(ValueError, match=r"run=bad\.tsv: missing column\(s\) \['max_rss'\]"):
+        report.read_benchmarks(bench)
+    bad.write_text(BENCH_HEAD + "fast\t0\t1\t1\t1\t1\t0\t0\t50\t1\n")
+    with pytest.raises(ValueError, match=r"run=bad\.tsv: line 2, column 's': not a number"):
+        report.read_benchmarks(bench)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        report.read_benchmarks(tmp_path / "nowhere")
+    _write_fd(fd, [(100, 20, 3.0)])
+    runs["gauss"]["final"] = tmp_path / "missing.json"
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
+    with pytest.raises(ValueError, match="baseline 'x'"):
+        report.summarize(runs, baseline="x", out=tmp_path / "s.json")
+    toy = tmp_path / "r10.json"
+    toy.write_text(json.dumps({"rows": [{"setting": "compact"}]}))
+    with pytest.raises(ValueError, match="r10.json: not an r10.json"):
+        report.r10_table(toy, tmp_path / "r10.html")
+    gmm = tmp_path / "nogmm.safetensors"
+    save_file({"means": torch.zeros(3, 2)}, str(gmm))
+    with pytest.raises(ValueError, match=r"nogmm\.safetensors: missing tensor"):
+        report.plot_gmm_weights(gmm, tmp_path / "w.png")
+
+
+def test_plots_are_valid_pngs(tmp_path, runs):
+    out = tmp_path / "figs" / "deep"
+    _png(report.plot_training_curves({k: v["run_dir"] for k, v in runs.items()}, out / "train.png"))
+    _png(report.plot_nfe_curves({k: v["nfe_curve"] for k, v in runs.items()}, out / "nfe.png", target=6.0))
+    for k in (8, 300):
+        gmm = tmp_path / f"gmm{k}.safetensors"
+        w = torch.rand(k, dtype=torch.float64) ** 3 + 1e-3
+        save_file({"weights": w / w.sum(), "means": torch.zeros(k, 4), "variances": torch.ones(k, 4)}, str(gmm))
+        _png(report.plot_gmm_weights(gmm, out / f"w{k}.png"))
+    svg = report.plot_nfe_curves({"gauss": runs["gauss"]["nfe_curve"]}, out / "nfe.svg")
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["nfe.png", "nfe.svg", "train.png", "w300.png", "w8.png"]
+
+
+def test_r10_table_beside_paper(toy_json, tmp_path):
+    assert report.PAPER["r10"] == r10.PAPER
+    with open(report.r10_table(toy_json, tmp_path / "r10.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["setting"], r["source"], r["coupling"]) for r in rows] == list(r10.PAPER)
+    assert rows[5]["paper_len"] == "2.0" and rows[5]["paper_w2"] == "1.556" and rows[5]["len"] == "2.0"
+    page = report.r10_table(toy_json, tmp_path / "r10.html").read_text()
+    assert "<td>1.67</td>" in page and "<td>1.631</td>" in page and "paper -11.2%" in page
+
+
+def test_summary_table(tmp_path, runs):
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
+    with open(report.summary_table(s, tmp_path / "runs.csv"), newline="") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert rows["mode"]["steps_ratio"] == "2.0" and rows["never"]["steps_to_baseline_final"] == ""
+    page = report.summary_table(s, tmp_path / "runs.html").read_text()
+    assert "<td>mode</td>" in page and "30× fewer training steps" in page
