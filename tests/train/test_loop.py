@@ -136,6 +136,21 @@ def test_settings_run_and_export(toy, tmp_path, setting):
     assert net(x, t, **y).shape == (3, 4, 2)
 
 
+@pytest.mark.parametrize("model, overrides", [("mlp", {"hidden": 32, "depth": 2}), ("ditdh-tiny", {"depth": 1})])
+def test_exports_of_the_mlp_and_of_overridden_presets_load_and_match_the_ema(toy, tmp_path, model, overrides):
+    from mmfm.train.released import load_velocity_model
+
+    root, _ = toy
+    cfg = TrainConfig.from_dict(config(root, model=model, model_overrides=overrides, steps=3))
+    train(cfg, root / "shards", tmp_path, progress=False)
+    net = load_velocity_model(tmp_path / "ema.safetensors")
+    ref = loop.build_model(cfg, 4, 2, 0)
+    ref.load_state_dict({k.removeprefix("ema."): v for k, v in weights(tmp_path / "step-0000003").items()
+                         if k.startswith("ema.")})
+    x, t = torch.randn(3, 4, 2), torch.rand(3)
+    assert torch.equal(net(x, t), ref.eval()(x, t))  # the export is the last checkpoint's EMA
+
+
 def test_learns_the_toy(toy, tmp_path):
     """A few hundred steps lower the loss and bring EMA samples closer to the data (Fréchet distance)."""
     from mmfm.flow.sources import GaussianSource

@@ -495,7 +495,8 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
     ``x1 - x0``. A network recorded with ``time_convention: "rae"`` is wrapped once in
     :class:`mmfm.flow.RAEConvention` (``v = -net(x, 1 - t)``); one recorded as ``"paper"`` is returned as is.
     DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with gradients off;
-    the DiTDH itself is ``.net`` of the wrapper.
+    the DiTDH itself is ``.net`` of the wrapper. Exports of ``mmfm train`` may also hold the token MLP
+    (``preset: "mlp"``) and ``model_overrides`` of the preset; both are rebuilt from the metadata.
     """
     path = Path(path)
     meta = read_metadata(path)
@@ -503,11 +504,17 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
     if convention not in ("rae", "paper"):
         raise ValueError(f"{path}: unknown time_convention {convention!r}; expected 'rae' or 'paper'")
     meta = {"patch_size": 1, "class_dropout_prob": 0.0, **meta}
+    overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size"}
     try:
         with torch.device("meta"):
-            net = _build(meta)
+            if meta.get("preset") == "mlp":  # mmfm train's token MLP (unconditional)
+                from mmfm.train.loop import TokenMLP
+
+                net = TokenMLP(meta["num_tokens"], meta["in_channels"], **overrides)
+            else:
+                net = _build(meta, **overrides)
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: its metadata does not describe a DiTDH: {exc}") from None
+        raise ValueError(f"{path}: its metadata does not describe a velocity network: {exc}") from None
     arrays, _ = io.open_tensors(path)
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     _check_against(net, state, path, _describe(meta))
