@@ -17,7 +17,6 @@ noise however many ranks share it; minibatch OT solves within each rank's rows.
 from __future__ import annotations
 
 import numpy as np
-import ot
 import torch
 
 from mmfm import _checks
@@ -101,6 +100,8 @@ class MinibatchOTCoupling:
     @staticmethod
     def plan(x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
         """POT's exact plan between the two batches, ``(B, B)`` float64, rows = ``x0``."""
+        import ot  # POT imports scikit-learn: a few seconds every job that never solves OT would pay
+
         a = x0.detach().reshape(x0.shape[0], -1).double().cpu()
         b = x1.detach().reshape(x1.shape[0], -1).double().cpu()
         cost = torch.cdist(a, b).pow(2).numpy()

@@ -51,6 +51,32 @@ def fd_of_model(velocity, source, reference: FeatureStats, *, n: int = 512, seed
     return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma), got.nfe // batches
 
 
+def fd_of_images(images, tokenizer, reference: FeatureStats, *, norm=None, batch_size: int = 512,
+                 device="cpu") -> tuple[float, int]:
+    """``(Fréchet distance, n)`` of decoded samples re-encoded into the latent space of the shards.
+
+    ``images``: ``(n, H, W, 3)`` uint8 (an ADM ``.npz``'s ``arr_0``) or the ``.npz`` path. Each batch goes
+    through ``tokenizer.encode`` (pixels in [0, 1]) and, when the shards were normalized, ``norm``; the
+    flattened token grids ``(n, N D)`` are compared with ``reference`` (:func:`reference_stats` of the
+    shards). Closes the loop decode → encode, so it measures what the images hold, not the raw ODE output.
+    """
+    import numpy as np
+
+    if not hasattr(images, "shape"):
+        with np.load(images, allow_pickle=False) as f:
+            images = f["arr_0"]
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images: expected (n, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    stats = FeatureStats(reference.dim)
+    for lo in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[lo:lo + batch_size])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            _, tokens = tokenizer.encode(x.float().div(255).to(device))
+        tokens = tokens.float() if norm is None else norm.normalize(tokens.float())
+        stats.update(tokens.reshape(len(x), -1).double().cpu().numpy())
+    return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma), stats.n
+
+
 class FDLog:
     """``fd.csv`` rows ``(step, nfe, fd)``; on resume, rows after ``start`` (left by a killed run) are dropped."""
 

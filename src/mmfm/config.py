@@ -1,0 +1,331 @@
+"""A typed view of the workflow's ``config.yaml`` (design.md §5) and the checks a JSON schema cannot make.
+
+The workflow validates the config against ``workflow/schemas/config.schema.yaml`` first (types, ranges,
+unknown keys, defaults filled in), then calls :func:`check`, which stops before any job with a message
+that names the key (``runs.gmm-mode.sample.guide: ...``) or the file:
+
+- every run's effective training settings build a :class:`~mmfm.train.config.TrainConfig`
+  (source / coupling / conditioning combinations, the model preset, the learning-rate phases);
+- a guide (autoguidance) names another run or an existing file; ``report.baseline`` names a run;
+  ``eval.final_nfe`` is one of ``eval.nfe``;
+- every local artifact the config points at exists (image folder, encoder folder, normalization
+  statistics, decoder, FID reference and Inception weights);
+- the tokenizer settings fit the tokenizer (``patch_size`` / ``pool`` are for ``pixels`` only, a
+  transformers tokenizer needs its decoder to turn samples into images).
+
+The helpers (:func:`train_settings`, :func:`sample_settings`, :func:`resources`, ...) are what the
+rules pass as ``params:``: each rule receives exactly its section, so Snakemake's ``params`` rerun
+trigger reruns exactly the stages whose settings changed. This module imports no torch at import
+time; :func:`check` imports :mod:`mmfm.train.config` when it can (and skips that part when torch is
+not installed in the environment that runs Snakemake).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Stages whose resources the config sets (``resources.<rule>``); a run's ``resources`` overrides train / sample.
+RULES = ("export_digits", "encode", "fit_cls_gmm", "spatial_stats", "spatial_gmm", "train", "sample", "evaluate",
+         "toy_r10", "report")
+#: Resources of a rule the config leaves out.
+DEFAULT_RESOURCES = {"threads": 1, "gpu": 0, "mem_mb": 2000, "runtime": 60}
+#: Run-level keys that go into the training settings.
+RUN_TRAIN_KEYS = ("source", "coupling", "conditioning")
+
+
+class ConfigError(ValueError):
+    """An invalid workflow configuration; the message starts with the key (``runs.x.train.lr: ...``)."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A local file or folder the config points at: its key, its path and whether it must be a folder."""
+
+    key: str
+    path: str
+    folder: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ typed view
+
+
+def run_names(config: dict) -> list[str]:
+    """The runs, in config order."""
+    return list(config["runs"])
+
+
+def evaluated_runs(config: dict) -> list[str]:
+    """The runs that are sampled, evaluated and reported (``evaluate`` true; autoguides are trained only)."""
+    return [r for r in config["runs"] if config["runs"][r].get("evaluate", True)]
+
+
+def train_settings(config: dict, run: str) -> dict[str, Any]:
+    """The effective training settings of ``run``: the shared ``train`` section, the run's own ``train``
+    over it, then the run's ``source`` / ``coupling`` / ``conditioning`` (and ``model`` when set).
+
+    The GMM file paths are not in it (they are the rule's inputs; :func:`with_gmm_files` adds them)."""
+    spec = config["runs"][run]
+    out = copy.deepcopy(dict(config.get("train") or {}))
+    out.update(copy.deepcopy(spec.get("train") or {}))
+    for key in RUN_TRAIN_KEYS:
+        out[key] = spec[key]
+    if spec.get("model") is not None:
+        out["model"] = spec["model"]
+    return out
+
+
+def with_gmm_files(settings: dict, spatial_gmm: str | None, cls_gmm: str | None) -> dict:
+    """``settings`` with the GMM files a GMM source / mode coupling needs (``gmm``, ``cls_gmm``)."""
+    out = dict(settings)
+    if out.get("source") == "gmm":
+        out["gmm"] = str(spatial_gmm)
+        if str(out.get("coupling", "")).startswith("mode"):
+            out["cls_gmm"] = str(cls_gmm)
+    return out
+
+
+def uses_gmm(config: dict, run: str) -> bool:
+    return config["runs"][run]["source"] == "gmm"
+
+
+def any_gmm(config: dict) -> bool:
+    """Whether some run draws from the GMM (else the GMM stages are not part of the DAG)."""
+    return any(uses_gmm(config, r) for r in run_names(config))
+
+
+def sample_settings(config: dict, run: str) -> dict[str, Any]:
+    """The effective sampling settings of ``run``: the shared ``sample`` section with the run's own over it."""
+    out = copy.deepcopy(dict(config.get("sample") or {}))
+    out.update(copy.deepcopy(config["runs"][run].get("sample") or {}))
+    return out
+
+
+def guide_run(config: dict, run: str) -> str | None:
+    """The run whose EMA weights guide ``run`` (autoguidance), if its guide names a run."""
+    guide = sample_settings(config, run).get("guide")
+    return guide if guide in config["runs"] else None
+
+
+def resources(config: dict, rule: str, run: str | None = None) -> dict[str, int]:
+    """``threads``, ``gpu``, ``mem_mb``, ``runtime`` (minutes) of ``rule`` (of ``run``'s job for train / sample)."""
+    if rule not in RULES:
+        raise KeyError(f"resources: unknown rule {rule!r}; expected one of {RULES}")
+    out = dict(DEFAULT_RESOURCES)
+    out.update((config.get("resources") or {}).get(rule) or {})
+    if run is not None:
+        out.update(((config["runs"][run].get("resources") or {}).get(rule)) or {})
+    return out
+
+
+def nfes(config: dict) -> list[int]:
+    """The NFE (Euler steps) of the sample sets, sorted."""
+    return sorted(int(n) for n in config["eval"]["nfe"])
+
+
+def final_nfe(config: dict) -> int:
+    """The NFE of each run's headline number (``eval.final_nfe``, default the largest of ``eval.nfe``)."""
+    value = config["eval"].get("final_nfe")
+    return int(value) if value is not None else max(nfes(config))
+
+
+def baseline(config: dict) -> str:
+    """The run the report compares the others with (``report.baseline``, default the first evaluated run)."""
+    value = (config.get("report") or {}).get("baseline")
+    return value if value is not None else evaluated_runs(config)[0]
+
+
+def digits(config: dict) -> bool:
+    """Whether the images are the embedded digits demo (exported by the first rule)."""
+    return config["data"]["source"] == "digits"
+
+
+def tokenizer_kwargs(encoder: dict, device: str = "cpu", decoder: dict | None = None) -> dict[str, Any]:
+    """Keyword arguments of :func:`mmfm.encoders.load_tokenizer` for the ``encoder`` section (and the
+    ``decoder`` section, for sampling with a transformers tokenizer)."""
+    kw: dict[str, Any] = {"name": encoder["name"], "path": encoder.get("path"), "image_size": encoder.get("image_size"),
+                          "device": device, "precision": encoder.get("precision", "fp32")}
+    if encoder["name"] == "pixels":
+        kw.update({k: encoder[k] for k in ("patch_size", "pool") if encoder.get(k) is not None})
+    elif decoder:
+        kw["decoder"] = decoder.get("path")
+    return kw
+
+
+def device(gpus: int) -> str:
+    """The torch device of a job asking for ``gpus`` GPUs: ``cuda`` (CUDA_VISIBLE_DEVICES picks which) when it
+    asked for one and CUDA is usable; the CPU otherwise, with a warning when it asked for a GPU that is not
+    usable here (a node without a driver, or the CI cluster's fake GPUs)."""
+    if int(gpus) <= 0:
+        return "cpu"
+    import warnings
+
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    warnings.warn(f"the job asked for {gpus} GPU(s) but CUDA is not available here: running on the CPU",
+                  stacklevel=2)
+    return "cpu"
+
+
+def artifacts(config: dict) -> list[Artifact]:
+    """The local files and folders the config points at (each must exist before the workflow starts)."""
+    out = []
+    if config["data"]["source"] == "folder" and config["data"].get("images"):
+        out.append(Artifact("data.images", config["data"]["images"], folder=True))
+    enc = config["encoder"]
+    if enc.get("path"):
+        out.append(Artifact("encoder.path", enc["path"], folder=True))
+    if enc.get("norm_stats"):
+        out.append(Artifact("encoder.norm_stats", enc["norm_stats"]))
+    if (config.get("decoder") or {}).get("path"):
+        out.append(Artifact("decoder.path", config["decoder"]["path"]))
+    ev = config["eval"]
+    if ev["metric"] == "fid":
+        for key in ("reference", "inception"):
+            if ev.get(key):
+                out.append(Artifact(f"eval.{key}", ev[key]))
+    for run in run_names(config):
+        guide = sample_settings(config, run).get("guide")
+        if guide is not None and guide not in config["runs"]:
+            out.append(Artifact(f"runs.{run}.sample.guide", guide))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def typed_overrides(value):
+    """Snakemake reads nested ``--config`` values with YAML's BaseLoader, so ``runs={x: {train: {lr: 0.002}}}``
+    arrives as the string ``'0.002'``; read every such string as YAML again (numbers, booleans, null)."""
+    if isinstance(value, dict):
+        return {k: typed_overrides(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [typed_overrides(v) for v in value]
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+        return parsed if parsed is None or isinstance(parsed, (bool, int, float, list, dict)) else value
+    return value
+
+
+def schema_errors(config: dict, schema_path: str | Path) -> list[str]:
+    """Every violation of the JSON schema, one line each, starting with the dotted key
+    (``gmm.k: 0 is less than the minimum of 1``, ``gmm: unknown key 'kk'``)."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    out = []
+    for err in sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path]):
+        where = ".".join(str(p) for p in err.absolute_path) or "config"
+        if err.validator == "additionalProperties":
+            allowed = sorted(err.schema.get("properties", {}))
+            extra = sorted(set(err.instance) - set(allowed)) if isinstance(err.instance, dict) else []
+            msg = f"unknown key(s) {extra}" + (f"; expected one of {allowed}" if allowed else "")
+        elif err.validator in ("oneOf", "anyOf") and err.context:
+            msg = "; ".join(sorted({c.message for c in err.context}))
+        else:
+            msg = err.message
+        out.append(f"{where}: {msg}")
+    return out
+
+
+
+
+def check(config: dict, root: str | Path = ".") -> None:
+    """Everything the schema cannot say (module doc); raises :class:`ConfigError` naming the key.
+
+    ``config`` must already have passed the schema (defaults filled in); relative paths are taken
+    from ``root`` (Snakemake's working directory)."""
+    root = Path(root)
+    runs = config["runs"]
+    # tokenizer
+    enc = config["encoder"]
+    if enc["name"] == "pixels":
+        if enc.get("path"):
+            raise ConfigError("encoder.path: the pixels tokenizer takes no weights; set encoder.name to a "
+                              "transformers tokenizer or drop encoder.path")
+        if (config.get("decoder") or {}).get("path"):
+            raise ConfigError("decoder.path: the pixels tokenizer decodes exactly; it takes no decoder")
+        if enc.get("precision", "fp32") != "fp32":
+            raise ConfigError("encoder.precision: the pixels tokenizer is exact; it runs in fp32 only")
+        size = enc.get("image_size") or 8
+        for key in ("patch_size", "pool"):
+            value = enc.get(key) or 2
+            if size % value:
+                raise ConfigError(f"encoder.{key}: {value} does not divide encoder.image_size {size}")
+    else:
+        for key in ("patch_size", "pool"):
+            if enc.get(key) is not None:
+                raise ConfigError(f"encoder.{key}: applies to the pixels tokenizer only, not {enc['name']!r}")
+        if not (config.get("decoder") or {}).get("path"):
+            raise ConfigError(f"decoder.path: the {enc['name']} tokenizer needs the RAE decoder checkpoint to "
+                              "decode samples into images")
+    if config["data"]["source"] == "digits" and config["data"].get("images"):
+        raise ConfigError("data.images: the digits demo writes its own images to results/digits; set "
+                          "data.source: folder to read an image folder")
+    # evaluation
+    ev = config["eval"]
+    if ev.get("final_nfe") is not None and ev["final_nfe"] not in ev["nfe"]:
+        raise ConfigError(f"eval.final_nfe: {ev['final_nfe']} is not one of eval.nfe {ev['nfe']}")
+    if ev["metric"] == "fid" and not ev.get("reference"):
+        raise ConfigError("eval.reference: metric fid needs the reference statistics (.npz with mu and sigma)")
+    # report
+    if not evaluated_runs(config):
+        raise ConfigError("runs: every run has evaluate: false; nothing would be sampled or reported")
+    base = (config.get("report") or {}).get("baseline")
+    if base is not None and base not in evaluated_runs(config):
+        raise ConfigError(f"report.baseline: {base!r} is not an evaluated run; those are {evaluated_runs(config)}")
+    # runs
+    for run in runs:
+        guide = sample_settings(config, run).get("guide")
+        if guide is not None:
+            if guide == run:
+                raise ConfigError(f"runs.{run}.sample.guide: a run cannot guide itself")
+            if guide not in runs and not guide.endswith(".safetensors"):
+                raise ConfigError(f"runs.{run}.sample.guide: {guide!r} is neither a run ({list(runs)}) nor a "
+                                  ".safetensors file")
+            if guide in runs:
+                mine, theirs = runs[run], runs[guide]
+                if mine["conditioning"] != theirs["conditioning"]:
+                    raise ConfigError(f"runs.{run}.sample.guide: the guide run {guide!r} has conditioning "
+                                      f"{theirs['conditioning']!r}, this run {mine['conditioning']!r}; a guide "
+                                      "takes the main model's inputs")
+                if guide_run(config, guide) == run:
+                    raise ConfigError(f"runs.{run}.sample.guide: {run!r} and {guide!r} guide each other")
+        _check_train(config, run)
+    # local artifacts
+    for art in artifacts(config):
+        p = Path(art.path)
+        p = p if p.is_absolute() else root / p
+        if not p.exists():
+            raise ConfigError(f"{art.key}: {art.path} does not exist (see README, 'Artifacts for the presets')")
+        if art.folder and not p.is_dir():
+            raise ConfigError(f"{art.key}: {art.path} is not a folder")
+        if not art.folder and p.is_dir():
+            raise ConfigError(f"{art.key}: {art.path} is a folder, expected a file")
+
+
+def _check_train(config: dict, run: str) -> None:
+    settings = with_gmm_files(train_settings(config, run), "results/gmm/spatial.safetensors",
+                              "results/gmm/cls.safetensors")
+    try:
+        from mmfm.train.config import TrainConfig
+    except ImportError:  # Snakemake runs in an environment without torch: the train job checks it
+        return
+    try:
+        TrainConfig.from_dict(settings)
+    except ValueError as err:
+        msg = str(err).removeprefix("train config: ")
+        key = msg.split(":", 1)[0]
+        where = f"runs.{run}" if key in RUN_TRAIN_KEYS or key in ("gmm", "cls_gmm") else f"runs.{run}.train"
+        raise ConfigError(f"{where}: {msg}") from None

@@ -1,0 +1,140 @@
+"""The workflow's config: the schema, mmfm.config's checks and views, the presets (fast, in-process)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmfm import config as mc
+from mmfm.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+PRESETS = sorted((ROOT / "workflow" / "presets").glob("*.yaml"))
+
+
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def problems(cfg: dict) -> list[str]:
+    return mc.schema_errors(cfg, SCHEMA)
+
+
+def test_default_config_is_valid():
+    cfg = default_config()
+    assert problems(cfg) == []
+    mc.check(cfg, ROOT)
+
+
+def test_default_runs_differ_only_in_source_coupling_conditioning():
+    cfg = default_config()
+    settings = {r: mc.train_settings(cfg, r) for r in mc.run_names(cfg)}
+    assert len(settings) == 4
+    strip = [{k: v for k, v in s.items() if k not in mc.RUN_TRAIN_KEYS} for s in settings.values()]
+    assert all(s == strip[0] for s in strip)
+    assert {(s["source"], s["coupling"], s["conditioning"]) for s in settings.values()} == {
+        ("gaussian", "independent", "none"), ("gmm", "independent", "none"), ("gmm", "mode-soft", "none"),
+        ("gmm", "mode-soft", "mode")}
+
+
+def test_schema_train_keys_are_train_config_fields():
+    """The schema lists the training keys (unknown keys fail at start); it must follow TrainConfig."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    listed = set(schema["$defs"]["train"]["properties"])
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    set_by_workflow = {"source", "coupling", "conditioning", "gmm", "cls_gmm"}
+    assert listed == fields - set_by_workflow
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["gmm"].update(kk=3), "gmm: unknown key(s) ['kk']"),
+    (lambda c: c.update(extra={}), "config: unknown key(s) ['extra']"),
+    (lambda c: c["gmm"].update(k=0), "gmm.k: 0 is less than the minimum of 1"),
+    (lambda c: c["train"].update(lr="fast"), "train.lr: 'fast' is not of type 'number'"),
+    (lambda c: c["runs"]["gmm-mode"].update(coupling="mode"), "runs.gmm-mode.coupling:"),
+    (lambda c: c["runs"]["gmm-mode"]["train"].update(lrr=1) if "train" in c["runs"]["gmm-mode"]
+     else c["runs"]["gmm-mode"].update(train={"lrr": 1}), "runs.gmm-mode.train: unknown key(s) ['lrr']"),
+    (lambda c: c["eval"].update(metric="fid"), "eval.reference: None is not of type 'string'"),
+    (lambda c: c["data"].update(source="folder"), "data.images: None is not of type 'string'"),
+    (lambda c: (c["data"].pop("images"), c["data"].update(source="folder")), "data: 'images' is a required"),
+])
+def test_schema_errors_name_the_key(edit, expected):
+    cfg = default_config()
+    edit(cfg)
+    got = problems(cfg)
+    assert any(line.startswith(expected) for line in got), got
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["sample"].update(guide="nope"), "runs.gauss-indep.sample.guide: 'nope' is neither a run"),
+    (lambda c: c["runs"]["gmm-mode-cond"].update(sample={"guide": "gmm-mode"}),
+     "runs.gmm-mode-cond.sample.guide: the guide run 'gmm-mode' has conditioning 'none'"),
+    (lambda c: c["runs"]["gmm-mode"].update(sample={"guide": "gmm-mode"}), "runs.gmm-mode.sample.guide: a run cannot"),
+    (lambda c: c["report"].update(baseline="nope"), "report.baseline: 'nope' is not an evaluated run"),
+    (lambda c: c["runs"]["gmm-mode"].update(source="gaussian"), "runs.gmm-mode: coupling: 'mode-soft' needs source"),
+    (lambda c: c["runs"]["gauss-indep"].update(conditioning="mode"), "runs.gauss-indep: conditioning: 'mode' needs"),
+    (lambda c: c["train"].update(model="ditdh-huge"), "runs.gauss-indep.train: model: expected one of"),
+    (lambda c: c["eval"].update(final_nfe=3), "eval.final_nfe: 3 is not one of eval.nfe"),
+    (lambda c: c["encoder"].update(patch_size=3), "encoder.patch_size: 3 does not divide"),
+    (lambda c: c["encoder"].update(name="dinov2", patch_size=None, pool=None), "decoder.path: the dinov2 tokenizer"),
+    (lambda c: c["data"].update(source="folder", images="no/such/folder"), "data.images: no/such/folder does not exist"),
+    (lambda c: c["encoder"].update(norm_stats="no/stat.pt"), "encoder.norm_stats: no/stat.pt does not exist"),
+])
+def test_check_names_the_key(edit, expected, tmp_path):
+    cfg = default_config()
+    edit(cfg)
+    assert problems(cfg) == []
+    with pytest.raises(mc.ConfigError) as err:
+        mc.check(cfg, tmp_path)
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_views():
+    cfg = default_config()
+    cfg["runs"]["gmm-mode"]["train"] = {"lr": 0.002}
+    cfg["runs"]["gmm-mode"]["resources"] = {"train": {"gpu": 2}}
+    assert mc.train_settings(cfg, "gmm-mode")["lr"] == 0.002
+    assert mc.train_settings(cfg, "gmm-indep")["lr"] == cfg["train"]["lr"]
+    assert mc.resources(cfg, "train", "gmm-mode")["gpu"] == 2
+    assert mc.resources(cfg, "train", "gmm-indep")["gpu"] == 0
+    assert mc.resources(cfg, "sample", "gmm-mode")["gpu"] == 0
+    with_files = mc.with_gmm_files(mc.train_settings(cfg, "gmm-mode"), "s.safetensors", "c.safetensors")
+    assert (with_files["gmm"], with_files["cls_gmm"]) == ("s.safetensors", "c.safetensors")
+    assert "cls_gmm" not in mc.with_gmm_files(mc.train_settings(cfg, "gmm-indep"), "s", "c")
+    assert "gmm" not in mc.with_gmm_files(mc.train_settings(cfg, "gauss-indep"), "s", "c")
+    assert mc.final_nfe(cfg) == cfg["eval"]["final_nfe"]
+    cfg["eval"]["final_nfe"] = None
+    assert mc.final_nfe(cfg) == max(cfg["eval"]["nfe"])
+    assert mc.baseline(cfg) == cfg["report"]["baseline"]
+
+
+def test_typed_overrides():
+    got = mc.typed_overrides({"runs": {"x": {"train": {"lr": "0.002", "shuffle": "false", "model": "ditdh-demo",
+                                                        "final_lr": "null", "betas": ["0.9", "0.95"]}}}})
+    assert got["runs"]["x"]["train"] == {"lr": 0.002, "shuffle": False, "model": "ditdh-demo", "final_lr": None,
+                                         "betas": [0.9, 0.95]}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_validate_and_point_at_artifacts(preset, tmp_path):
+    cfg = yaml.safe_load(preset.read_text())
+    assert problems(cfg) == []
+    with pytest.raises(mc.ConfigError, match="does not exist"):  # nothing there yet: names the key
+        mc.check(copy.deepcopy(cfg), tmp_path)
+    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
+    try:
+        from standin_tree import build
+    finally:
+        sys.path.pop(0)
+    made = build(preset, tmp_path)
+    assert {a.key for a in mc.artifacts(cfg)} >= {"data.images", "encoder.path", "encoder.norm_stats", "decoder.path",
+                                                  "eval.reference", "eval.inception"}
+    assert all(p.exists() for p in made)
+    mc.check(cfg, tmp_path)
+    assert cfg["gmm"]["k"] == 8192 and cfg["train"]["global_batch"] == 1024 and cfg["eval"]["metric"] == "fid"

@@ -1,0 +1,24 @@
+# Stage 1: images -> tokenizer -> Parquet latent shards (a map: one job per shard).
+
+
+rule encode:
+    input:
+        images=image_folder(),
+    output:
+        f"{RESULTS}/shards/shard-{{shard}}.parquet",
+    params:
+        encoder=config["encoder"],
+        shards=config["shards"],
+    log:
+        f"{LOGS}/encode/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/encode/shard-{{shard}}.tsv"
+    threads: res("encode", "threads")
+    resources:
+        gpu=res("encode", "gpu"),
+        mem_mb=res("encode", "mem_mb"),
+        runtime=res("encode", "runtime"),
+    conda:
+        TORCH_ENV
+    script:
+        "../scripts/encode.py"
