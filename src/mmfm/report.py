@@ -35,16 +35,7 @@ from mmfm import io
 METRICS, FD_LOG = "metrics.csv", "fd.csv"  # the names mmfm.train.loop writes
 NA = {"", "-", "na", "nan", "none", "n/a"}
 
-PAPER = {
-    # method.md §4 "Paper table, verbatim" (R^10 toy): (setting, source, coupling) -> (Len, W2^2)
-    "r10": {
-        ("compact", "gaussian", "independent"): (1.88, 1.252),
-        ("compact", "gmm", "independent"): (1.82, 1.251),
-        ("compact", "gmm", "mode"): (1.67, 1.248),
-        ("spread", "gaussian", "independent"): (2.35, 1.582),
-        ("spread", "gmm", "independent"): (2.30, 1.631),
-        ("spread", "gmm", "mode"): (2.00, 1.556),
-    },
+PAPER = {  # the R^10 table is mmfm.toy.r10.PAPER (method.md §4), imported where used (POT, sklearn are slow)
     # method.md §7 "Paper main table": DiTDH-XL, unconditional ImageNet-256, 80 epochs, FID without guidance
     "imagenet_fid": {"gaussian/independent": 9.33, "gmm/independent": 3.82, "gmm/mode": 3.18},
     # method.md §7 "Other claims": 30x faster convergence, 1/5 of the sampling steps
@@ -149,13 +140,15 @@ def stages(records: list[dict]) -> dict:
 
 def read_r10(path) -> dict:
     """``{"rows": [{setting, source, coupling, len, w2, w2_floor, paper_len, paper_w2}], "claims": {...}}``;
-    the paper columns come from :data:`PAPER`."""
+    the paper columns come from :data:`mmfm.toy.r10.PAPER`."""
+    from mmfm.toy.r10 import PAPER as r10_paper
+
     path = _need(path)
     try:
         data = json.loads(path.read_text())
         rows = [{k: r.get(k) for k in ("setting", "source", "coupling", "len", "w2", "w2_floor")} for r in data["rows"]]
         for r in rows:
-            r["paper_len"], r["paper_w2"] = PAPER["r10"][(r["setting"], r["source"], r["coupling"])]
+            r["paper_len"], r["paper_w2"] = r10_paper[(r["setting"], r["source"], r["coupling"])]
             float(r["len"]), float(r["w2"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not an r10.json of mmfm.toy.r10 ({type(err).__name__}: {err})") from None
