@@ -6,7 +6,6 @@ may change: steps, checkpoint and evaluation cadence), the run starts afresh and
 checkpoints are removed first.
 """
 
-import json
 import shutil
 import subprocess
 import sys
@@ -17,8 +16,8 @@ sys.stdout = sys.stderr = log = open(snakemake.log[0], "w", buffering=1)  # noqa
 import yaml  # noqa: E402
 
 from mmfm.config import device, with_gmm_files  # noqa: E402
-from mmfm.train.checkpoint import latest_checkpoint  # noqa: E402
-from mmfm.train.config import RESUMABLE_CHANGES, TrainConfig  # noqa: E402
+from mmfm.train.checkpoint import checkpoint_config, latest_checkpoint  # noqa: E402
+from mmfm.train.config import TrainConfig  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = with_gmm_files(sm.params.train, sm.input.get("gmm"), sm.input.get("cls_gmm"))
@@ -28,18 +27,17 @@ if Path(sm.output.ema) != run_dir / "ema.safetensors":
 run_dir.mkdir(parents=True, exist_ok=True)
 
 # resume only checkpoints of these settings
-mine = TrainConfig.from_dict(settings).to_dict()
+cfg = TrainConfig.from_dict(settings)
 latest = latest_checkpoint(run_dir)
 if latest is not None:
-    saved = json.loads((latest / "state.json").read_text()).get("config", {})
-    changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k])
+    changed = sorted(cfg.changed_settings(checkpoint_config(latest)))
     if changed:
         print(f"{latest} was trained with other settings ({', '.join(changed)}): starting afresh")
         for p in run_dir.iterdir():
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     else:
         print(f"resuming from {latest}")
-(run_dir / "train.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))  # what this run was given
+(run_dir / "train.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # what this run was given
 
 shards = list(sm.input.shards)
 if gpus > 1:  # one process per GPU through torchrun's launcher (mmfm train --nproc)

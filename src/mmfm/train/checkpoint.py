@@ -309,6 +309,11 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def checkpoint_config(path) -> dict:
+    """The training config a complete checkpoint was written with (its ``state.json``)."""
+    return _read_state(Path(path))["config"]
+
+
 def _check_shapes(file: Path, expected: Mapping[str, torch.Tensor], what: str) -> None:
     header, _, _ = io.read_header(file)
     saved = {k: tuple(h["shape"]) for k, h in header.items()}

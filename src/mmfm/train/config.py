@@ -223,6 +223,12 @@ class TrainConfig:
         initial = self.ema_decay if self.ema_initial_decay is None else self.ema_initial_decay
         return EMASchedule(self.ema_decay, initial, self.ema_initial_steps)
 
+    def changed_settings(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{key: (saved value, this value)}`` for the settings that differ from a checkpoint's ``saved``
+        config and that a resumed run may not change (all but :data:`RESUMABLE_CHANGES`)."""
+        mine = self.to_dict()
+        return {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+
     def shift(self, dim: int) -> float:
         """The time shift for latents of ``dim = N * D`` scalars: the number, or ``max(1, sqrt(dim / 4096))``."""
         if self.time_shift == "auto":

@@ -55,7 +55,7 @@ from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler
 from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
-from mmfm.train.config import RESUMABLE_CHANGES, TrainConfig
+from mmfm.train.config import TrainConfig
 from mmfm.train.ema import EMA
 from mmfm.train.evaluate import FDLog, fd_of_model, reference_stats
 from mmfm.train.schedule import derive_batch
@@ -485,9 +485,7 @@ def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_l
 
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """A checkpoint resumes only a run with the same settings (but those in ``RESUMABLE_CHANGES``)."""
-    mine = cfg.to_dict()
-    diff = [f"{k}: {saved.get(k)!r} -> {mine[k]!r}" for k in mine
-            if k not in RESUMABLE_CHANGES and saved.get(k) != mine[k]]
+    diff = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in cfg.changed_settings(saved).items()]
     if diff:
         raise ValueError(f"{path}: was written with other settings ({'; '.join(diff)}); use another out_dir "
                          "or resume=False")
