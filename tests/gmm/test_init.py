@@ -1,3 +1,8 @@
+import importlib.abc
+import importlib.util
+import sys
+import types
+
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans, kmeans_plusplus
@@ -78,9 +83,6 @@ def test_duplicate_seeds_leave_no_empty_component():
 
 
 def test_missing_cuml_falls_back_to_sklearn_with_one_line(monkeypatch, capsys):
-    import sys
-    import types
-
     monkeypatch.setitem(sys.modules, "cuml", None)  # import cuml raises ImportError
     monkeypatch.setitem(sys.modules, "cuml.cluster", None)
     gpu_like = types.SimpleNamespace(gpu=True, asarray=np.asarray)
@@ -89,4 +91,43 @@ def test_missing_cuml_falls_back_to_sklearn_with_one_line(monkeypatch, capsys):
     ref, _ = kmeans_plusplus(x, 6, random_state=3)
     np.testing.assert_array_equal(got, ref)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mmfm: cuML not installed; k-means on the CPU with scikit-learn"]
+    assert err == ["mmfm: cuML unavailable (ModuleNotFoundError: import of cuml.cluster halted; None in "
+                   "sys.modules); k-means on the CPU with scikit-learn"]
+
+
+class BrokenImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``cuml`` (and its submodules); executing it raises ``error``, as a CUDA library mismatch
+    does while cuML imports."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.util.spec_from_loader(name, self) if name.split(".")[0] == "cuml" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, line", [
+    (RuntimeError("CUDA driver version is insufficient for CUDA runtime version\n  (more detail)"),
+     "RuntimeError: CUDA driver version is insufficient for CUDA runtime version"),
+    (OSError("libcudart.so.13: cannot open shared object file"),
+     "OSError: libcudart.so.13: cannot open shared object file"),
+])
+def test_cuml_failing_to_import_for_any_reason_falls_back_with_one_line(error, line, monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "cuml", raising=False)
+    monkeypatch.delitem(sys.modules, "cuml.cluster", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [BrokenImport(error), *sys.meta_path])
+    with pytest.raises(type(error)):
+        import cuml.cluster  # noqa: F401  (the finder is in place)
+    gpu_like = types.SimpleNamespace(gpu=True, asarray=np.asarray)
+    x = data(8)
+    got = kmeans_centres(x, 6, "kmeans", seed=3, backend=gpu_like, kmeans_iter=20)
+    ref = KMeans(6, init="k-means++", n_init=1, max_iter=20, random_state=3).fit(x).cluster_centers_
+    np.testing.assert_array_equal(got, ref)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"mmfm: cuML unavailable ({line}); k-means on the CPU with scikit-learn"]

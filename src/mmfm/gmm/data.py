@@ -179,14 +179,16 @@ def merge_moments(n, mean, m2, x):
 
 
 def gather(source, indices: np.ndarray, rows: int = 65536) -> np.ndarray:
-    """The rows at sorted ``indices`` (a subsample for initialization), in one streaming pass."""
+    """The rows at sorted ``indices`` (a subsample for initialization), in one streaming pass, as a
+    host array (from CuPy chunks too: their rows are downloaded)."""
     indices = np.sort(np.asarray(indices))
     out, start, j = [], 0, 0
     for _, x in source.chunks(rows):
         end = start + len(x)
         k = np.searchsorted(indices, end)
         if k > j:
-            out.append(np.array(x[indices[j:k] - start]))
+            picked = x[indices[j:k] - start]
+            out.append(picked.get() if hasattr(picked, "__cuda_array_interface__") else np.array(picked))
             j = k
         start = end
     return np.concatenate(out) if out else np.zeros((0, 0))

@@ -30,9 +30,20 @@ row's largest is rounded up to it, far below float32 resolution, which keeps ``e
 second product off the CPU's subnormal path (30x slower, and most entries of a sharp posterior
 land there). Blocks run on threads with one BLAS thread each; scratch arrays are reused per thread.
 
+**On the GPU** (CuPy, one block at a time) the rows reach the device in one of three layouts. An
+in-memory array whose features ``F`` fit 40 % of free device memory is uploaded block by block on
+the first pass, and its ``F`` stays on the device for every later pass; an array whose ``F`` does
+not fit but which itself does is uploaded once; otherwise (streamed Parquet, or too large) every
+pass uploads its row blocks. Besides the rows, a pass uploads the ``(K, 2D+1)`` weights ``W`` and
+downloads one float64 array: the statistics and the total log-likelihood (and, in a re-seeding
+pass, the per-row log-likelihoods). So an EM iteration costs one upload and one download, plus one
+upload per block when nothing is held on the device. Initialization and scoring are one pass each:
+they cache nothing and stream their blocks.
+
 **Empty components** (``sum_i r_ik < min_count``) are re-seeded at the rows the mixture explains
-worst, with the data's global variance, and counted. **Convergence**: the mean log-likelihood of
-each E-step (before its M-step, as scikit-learn reports it) changing by less than ``tol``.
+worst (one more pass; the rows are read from the host source), with the data's global variance,
+and counted. **Convergence**: the mean log-likelihood of each E-step (before its M-step, as
+scikit-learn reports it) changing by less than ``tol``.
 
 **Determinism.** Blocks have a fixed size whatever the input chunking (``data.blocks``) and their
 statistics are added in block order, so CPU threads, chunk sizes and a rerun give the same bits.
@@ -154,7 +165,11 @@ class Backend:
             if not _cuda_available():
                 raise ValueError(f"device: {device!r} asked for, but CuPy sees no CUDA device")
             if ":" in device:
-                cupy.cuda.Device(int(device.split(":")[1])).use()
+                index, count = device.split(":")[1], cupy.cuda.runtime.getDeviceCount()
+                if not (index.isdigit() and int(index) < count):
+                    raise ValueError(f"device: {device!r}, but CuPy sees {count} CUDA device(s): cuda:0 to "
+                                     f"cuda:{count - 1}")
+                cupy.cuda.Device(int(index)).use()
             self.xp, self.name, self.workers = cupy, "cupy", 1
         else:
             raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
@@ -266,23 +281,28 @@ def _features(xp, x, centre, dtype, out=None):
 class _Passes:
     """One data pass of EM (soft statistics), hard assignment, or per-row log-likelihoods.
 
-    For an in-memory array whose features ``F = [x'^2, x', 1]`` fit in ``cache_bytes`` (a quarter
-    of free memory, at most 4 GiB on the CPU; 40 % of free GPU memory), ``F`` is built once and
-    reused by every pass.
+    With ``reuse`` (several passes over the data, as in EM), an in-memory array whose features
+    ``F = [x'^2, x', 1]`` fit the cache budget (a quarter of free memory, at most 4 GiB, on the CPU;
+    40 % of free GPU memory) has ``F`` built on the first pass, on the backend, and reused by every
+    later pass; on the GPU, an array whose ``F`` does not fit but which itself does is uploaded once.
+    Otherwise (or for a single pass) each pass builds ``F`` block by block from the rows on the
+    host. ``host`` is always the source on the host (re-seeding reads rows from it).
     """
 
-    def __init__(self, source, summary: gdata.DataSummary, backend: Backend, dtype, block_rows: int):
-        self.source, self.summary, self.be = source, summary, backend
+    def __init__(self, source, summary: gdata.DataSummary, backend: Backend, dtype, block_rows: int,
+                 reuse: bool = True):
+        self.source = self.host = source
+        self.summary, self.be = summary, backend
         self.dtype = np.dtype(dtype)
         self.block_rows = block_rows
         self.centre = backend.asarray(summary.mean, dtype=self.dtype)
         self._ws = _Workspace()
+        in_memory = reuse and isinstance(source, gdata.ArrayRows)
         need = summary.n * (2 * summary.dim + 1) * self.dtype.itemsize
-        self._cache = [] if isinstance(source, gdata.ArrayRows) and need <= _cache_budget(backend) else None
-        if backend.gpu and self._cache is None and isinstance(source, gdata.ArrayRows):
-            # upload an in-memory array once instead of once per pass, if it fits
-            if source.array.nbytes <= _cache_budget(backend):
-                self.source = gdata.ArrayRows(backend.asarray(source.array), source.name)
+        self._cache = [] if in_memory and need <= _cache_budget(backend) else None
+        if backend.gpu and in_memory and self._cache is None and source.array.nbytes <= _cache_budget(backend):
+            # upload an in-memory array once instead of once per pass
+            self.source = gdata.ArrayRows(backend.asarray(source.array), source.name)
 
     def _items(self):
         """``(is_features, block)``: cached ``F`` blocks, or row blocks to build ``F`` from."""
@@ -314,8 +334,9 @@ class _Passes:
             yield out
 
     def soft(self, wt: np.ndarray, rows_ll: bool = False):
-        """``(S (K, 2D+1) float64 = sum_i r_ik [x'^2, x', 1], total log-likelihood, per-row ll or None)``,
-        computed in base 2 (module doc)."""
+        """``(S (K, 2D+1) float64 = sum_i r_ik [x'^2, x', 1], total log-likelihood, per-row ll (N,) or None)``,
+        computed in base 2 (module doc). One upload (``W``) and one download (``S``, the total and the
+        per-row values in one array) per pass, besides the rows'."""
         xp, dt = self.be.xp, self.dtype
         w = self.be.asarray(np.ascontiguousarray(wt.T) * LOG2_E, dtype=dt)  # (K, 2D+1)
         ws = self._ws
@@ -331,16 +352,18 @@ class _Passes:
             fs = xp.divide(f, s[:, None], out=ws.get(xp, "fs", f.shape, dt))  # r_ik = e_ik / s_i into F
             return (lj @ fs).astype(np.float64), row
 
-        stats = xp.zeros(w.shape, dtype=np.float64)
-        total = xp.zeros((), dtype=np.float64)
+        size = w.shape[0] * w.shape[1]
+        acc = xp.zeros(size + 1, dtype=np.float64)  # [S.ravel(), total log2-likelihood]
+        stats, total = acc[:size].reshape(w.shape), acc[size:]
         rows = []
         for st, row in self._map(block):
             stats += st
             total += row.sum()
             if rows_ll:
                 rows.append(row)
-        per_row = self.be.host(xp.concatenate(rows)) * LN_2 if rows_ll else None
-        return self.be.host(stats), float(total) * LN_2, per_row
+        out = self.be.host(xp.concatenate([acc, *rows]) if rows_ll else acc)  # the pass's one download
+        per_row = out[size + 1:] * LN_2 if rows_ll else None
+        return out[:size].reshape(w.shape), float(out[size]) * LN_2, per_row
 
     def hard(self, centres: np.ndarray):
         """Statistics of the hard assignment to the nearest of ``centres`` (Euclidean)."""
@@ -454,21 +477,13 @@ def _reseed(passes: _Passes, gmm: DiagonalGMM, empty: np.ndarray, nk: np.ndarray
     _, _, per_row = passes.soft(gemm_weights(DiagonalGMM(weights, gmm.means, gmm.variances), summary.mean),
                                 rows_ll=True)
     worst = np.argsort(per_row, kind="stable")[: empty.size]
-    rows = gdata.gather(_host_source(passes), worst)
+    rows = gdata.gather(passes.host, worst)
     means, var, nk = gmm.means.copy(), gmm.variances.copy(), nk.copy()
     order = np.argsort(worst, kind="stable")  # gather returns rows sorted by index
     means[empty[order]] = rows
     var[empty] = summary.variance
     nk[empty] = 1.0
     return means, var, nk / nk.sum()
-
-
-def _host_source(passes: _Passes):
-    """The pass's rows on the host (EM may have uploaded an in-memory array to the GPU)."""
-    src = passes.source
-    if isinstance(src, gdata.ArrayRows) and passes.be.gpu:
-        return gdata.ArrayRows(passes.be.host(src.array), src.name)
-    return src
 
 
 def _check_settings(*, max_iter, tol, reg_covar, dtype):
@@ -491,5 +506,5 @@ def mean_log_likelihood(gmm: DiagonalGMM, data, dtype: str = "float64", device: 
     if gmm.dim != summary.dim:
         raise ValueError(f"gmm: the mixture has {gmm.dim} features but the data has {summary.dim}")
     rows = default_block_rows(gmm.k, gmm.dim, be.gpu, summary.n)
-    passes = _Passes(source, summary, be, dtype, rows)
+    passes = _Passes(source, summary, be, dtype, rows, reuse=False)
     return passes.soft(gemm_weights(gmm, summary.mean))[1] / summary.n

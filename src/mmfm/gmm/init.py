@@ -14,6 +14,9 @@ Centres come from scikit-learn on the CPU and cuML on the GPU, with the same par
 - ``from-data``: ``K`` distinct rows drawn uniformly;
 - ``random``: no centres: means ``~ N(mean, diag(var))`` of the data, variances the data's, equal weights.
 
+If cuML fails to import, for whatever reason (not installed, or a CUDA library mismatch raising
+while it loads), one line on stderr names the error and k-means runs on the CPU with scikit-learn.
+
 k-means runs on ``init_sample`` rows drawn uniformly without replacement (all rows by default):
 at ImageNet scale, k-means++ over 1.28 M rows for 8192 centres is the slow part of the released fit.
 """
@@ -40,8 +43,10 @@ def kmeans_centres(x: np.ndarray, k: int, method: str, seed: int, backend: Backe
     if backend.gpu:
         try:
             from cuml.cluster import KMeans as CuKMeans
-        except ImportError:
-            print("mmfm: cuML not installed; k-means on the CPU with scikit-learn", file=sys.stderr)
+        except Exception as err:  # not installed, or a CUDA library mismatch raised while importing
+            why = (str(err).strip().splitlines() or [""])[0]
+            print(f"mmfm: cuML unavailable ({type(err).__name__}: {why}); k-means on the CPU with scikit-learn",
+                  file=sys.stderr)
         else:
             km = CuKMeans(n_clusters=k, init="k-means++", n_init=1, max_iter=max_iter, random_state=seed,
                           output_type="numpy")
@@ -96,7 +101,7 @@ def initialize(
     centres = kmeans_centres(sample, k, method, seed, backend, kmeans_iter)
 
     rows = default_block_rows(k, summary.dim, backend.gpu, summary.n)
-    passes = _Passes(source, summary, backend, dtype, rows)
+    passes = _Passes(source, summary, backend, dtype, rows, reuse=False)
     stats = passes.hard(centres)
     d = summary.dim
     counts = stats[:, 2 * d].copy()
