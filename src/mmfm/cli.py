@@ -184,61 +184,78 @@ def _ref_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _relaunched(args: argparse.Namespace) -> bool:
-    """``--nproc N`` (N > 1) outside a launched process: run this same command line as N processes through
-    torchrun's elastic launcher (no wrapper script for Snakemake / SLURM) and return True."""
+def _launch(args: argparse.Namespace):
+    """The :class:`mmfm.launch.Launch` of a distributed command's flags."""
+    from mmfm.devices import job_threads
+    from mmfm.launch import Launch
+
+    return Launch(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint,
+                  rdzv_id=args.rdzv_id, rdzv_timeout=args.rdzv_timeout, stop_timeout=args.stop_timeout,
+                  threads=args.threads or job_threads(), srun=args.srun)
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The command line a worker runs: this one (torchrun's parser refuses the prefix ``--n``)."""
+    return ["--num-samples" if a == "--n" else "--num-samples=" + a[4:] if a.startswith("--n=") else a
+            for a in args.argv]
+
+
+def _device_type(args: argparse.Namespace) -> str:
+    from mmfm.devices import resolve
+
+    return resolve(args.device, allow_cpu_fallback=args.allow_cpu_fallback)
+
+
+def _bind(args: argparse.Namespace, device_type: str):
+    """This process's device, and (a worker of our launcher) SIGTERM should the launcher die."""
+    import os
+    import signal
+
+    from mmfm import devices
+    from mmfm.launch import WORKER_ENV
+
+    if _launched_worker() and os.environ.get(WORKER_ENV, "").isdigit():
+        devices.set_parent_death_signal(signal.SIGTERM, parent=int(os.environ[WORKER_ENV]))
+    elif not _launched_worker() and args.threads:
+        import torch
+
+        torch.set_num_threads(devices.threads_per_process(args.threads, 1))
+    return devices.bind(device_type, args.device)
+
+
+def _launched_worker() -> bool:
+    from mmfm.launch import is_worker
+
+    return is_worker()
+
+
+def _rank() -> int:
     import os
 
-    if args.nproc <= 1 or "LOCAL_RANK" in os.environ:
-        return False
-    from torch.distributed.run import main as torchrun
-
-    argv = list(args.argv)
-    i = argv.index("--nproc")
-    del argv[i:i + 2]
-    # torchrun's own parser refuses the prefix "--n" (ambiguous with its --nnodes, --nproc-per-node, ...)
-    argv = ["--num-samples" if a == "--n" else "--num-samples=" + a[4:] if a.startswith("--n=") else a
-            for a in argv]
-    torchrun(["--standalone", f"--nproc-per-node={args.nproc}", "-m", "mmfm.cli", *argv])
-    return True
-
-
-@contextlib.contextmanager
-def _process_group():
-    """Join the process group when launched with WORLD_SIZE > 1 (NCCL with CUDA, else gloo); leave it after."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return int(os.environ.get("RANK", "0"))
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import os
-
+    from mmfm import launch
+    from mmfm.devices import process_group
     from mmfm.encoders.normalization import load_norm_stats
     from mmfm.sample import sample_run
 
-    if _relaunched(args):
-        return 0
-    device = args.device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    with _process_group():
+    spec = _launch(args)
+    device_type = _device_type(args)
+    if not _launched_worker() and (spec.world_size > 1 or spec.srun):
+        launch.check_devices(spec, device_type)
+        return launch.run(spec, _worker_argv(args), gpus=device_type == "cuda")
+    device = _bind(args, device_type)
+    args.device = str(device)
+    with process_group(device):
         res = sample_run(args.model, args.out, _tokenizer(args), source=args.source, n=args.n, seed=args.seed,
                          steps=args.steps, method=args.method, shift=args.shift, end=args.end, guide=args.guide,
                          guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
                          cfg_scale=args.cfg_scale,
                          norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
                          batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _rank() == 0:
         print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
     return 0
 
@@ -267,15 +284,36 @@ def _read_config(path: str) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if _relaunched(args):
-        return 0
+    """``mmfm train``: the launcher (several processes or nodes) or one trainer process.
+
+    The run folder is locked for the trainer's whole life (:mod:`mmfm.train.lock`): by the launcher of a
+    one-node run (its workers know from the environment), else by rank 0 after the rendezvous, so a
+    rendezvous that fails writes nothing into the folder."""
+    from mmfm import launch
+    from mmfm.devices import process_group
+    from mmfm.train.config import TrainConfig
+    from mmfm.train.lock import RunFolderLocked, RunLock, held_by_parent
     from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
 
-    cfg = _read_config(args.config)
+    cfg = TrainConfig.from_dict(_read_config(args.config))
+    spec = _launch(args)
+    device_type = _device_type(args)
     try:
-        with _process_group():
+        if not _launched_worker() and (spec.world_size > 1 or spec.srun):
+            launch.check_devices(spec, device_type)
+            if spec.nnodes > 1:  # rank 0 locks, after the nodes met
+                return launch.run(spec, _worker_argv(args), gpus=device_type == "cuda")
+            with RunLock(args.out) as lock:
+                return launch.run(spec, _worker_argv(args), env=lock.env(), gpus=device_type == "cuda")
+        device = _bind(args, device_type)
+        with process_group(device), _trainer_lock(args.out, held_by_parent(args.out)):
+            if _rank() == 0:
+                _prepare_run_folder(Path(args.out), cfg, args.fresh_if_changed)
             res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
-                        max_steps=args.max_steps, device=args.device)
+                        max_steps=args.max_steps, device=device)
+    except RunFolderLocked as err:
+        print(f"mmfm train: error: {err}", file=sys.stderr)
+        return 2
     except TrainingInterrupted as stop:
         print(f"mmfm train: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -290,6 +328,62 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(text + "\n")  # one write: the lines of several ranks on one pipe do not interleave
     sys.stdout.flush()
     return 0
+
+
+@contextlib.contextmanager
+def _trainer_lock(out: str, held: bool):
+    """The run-folder lock of a trainer that is not covered by its launcher's: taken by rank 0, and its
+    outcome shared with every rank, so a refused lock stops all of them with the holder named."""
+    import torch.distributed as dist
+
+    from mmfm.train.lock import RunFolderLocked, RunLock
+
+    lock, refused = None, None
+    if not held and _rank() == 0:
+        try:
+            lock = RunLock(out).acquire()
+        except RunFolderLocked as err:
+            refused = err
+    if dist.is_initialized():
+        outcome = [refused is not None, None if refused is None else refused.holder]
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] and refused is None:
+            refused = RunFolderLocked(out, outcome[1])
+    if refused is not None:
+        raise refused
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
+    """Under the lock: with ``fresh_if_changed``, empty a run folder whose latest checkpoint has other
+    settings (the lock file stays); then record the settings of this run in ``train.yaml``."""
+    import shutil
+
+    import yaml
+
+    from mmfm.train.checkpoint import checkpoint_config, latest_checkpoint
+    from mmfm.train.lock import LOCK_NAME
+
+    latest = latest_checkpoint(out) if out.is_dir() else None
+    if fresh_if_changed and latest is not None:
+        changed = sorted(cfg.changed_settings(checkpoint_config(latest)))
+        if changed:
+            print(f"mmfm train: {latest} was trained with other settings ({', '.join(changed)}): starting afresh",
+                  file=sys.stderr)
+            for p in out.iterdir():
+                if p.name != LOCK_NAME:
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        else:
+            print(f"mmfm train: resuming from {latest}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    from mmfm.io import atomic_path
+
+    with atomic_path(out / "train.yaml") as tmp:
+        Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def _nfe_curve(args: argparse.Namespace) -> int:
@@ -343,6 +437,26 @@ def _norm_stats(args: argparse.Namespace) -> int:
             "skipped_images": len(meta["skipped_images"])}
     print(json.dumps(line) if args.json else f"wrote {args.out} from {line['grids']} token grids")
     return 0
+
+
+def launch_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a distributed command (mmfm.launch): processes, nodes, rendezvous, signals, threads."""
+    g = p.add_argument_group("processes and nodes (torchrun's flags; see mmfm.launch)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on each node, one per GPU (default: 1)")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes, one agent each (default: 1)")
+    g.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank 0..NNODES-1 (static rendezvous; default: c10d assigns it)")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT where the nodes meet (the first node)")
+    g.add_argument("--rdzv-id", default=None, help="rendezvous id, the same on every node (c10d)")
+    g.add_argument("--rdzv-timeout", type=int, default=600, help="seconds for every node to arrive (default: 600)")
+    g.add_argument("--stop-timeout", type=int, default=3600,
+                   help="seconds the launcher waits for the workers after a stop signal before it kills them")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of this node's job, shared by its processes (default: OMP_NUM_THREADS)")
+    g.add_argument("--srun", action="store_true",
+                   help="inside a SLURM allocation: start the --nnodes agents with srun (rendezvous at this host)")
+    g.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="run on the CPU with a warning when --device cuda is unusable (instead of an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -492,8 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, help="run folder: checkpoints, metrics.csv, ema.safetensors")
     tr.add_argument("--max-steps", type=int, default=None, help="steps in this call (time-boxed jobs)")
     tr.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
-    tr.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) through torchrun's launcher")
-    tr.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available")
+    tr.add_argument("--fresh-if-changed", action="store_true",
+                    help="empty the run folder when its latest checkpoint has other settings (the workflow's "
+                         "choice); without it such a folder is an error")
+    tr.add_argument("--device", default=None,
+                    help="cuda (required: an error if unusable), cpu, or auto (default: cuda if usable)")
+    launch_args(tr)
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(func=_train)
 
@@ -532,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding")
     smp.add_argument("--decoder", default=None, help="RAE decoder checkpoint (transformers tokenizers)")
     smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
-    smp.add_argument("--nproc", type=int, default=1, help="processes (one per GPU) through torchrun's launcher")
+    launch_args(smp)
     smp.set_defaults(func=_sample)
 
     weights_help = ("pytorch-fid's FID Inception weights (default: $TORCH_HOME/hub/checkpoints/"

@@ -32,6 +32,8 @@ RULES = ("export_digits", "encode", "fit_cls_gmm", "spatial_stats", "spatial_gmm
          "toy_r10", "report")
 #: Resources of a rule the config leaves out.
 DEFAULT_RESOURCES = {"threads": 1, "gpu": 0, "mem_mb": 2000, "runtime": 60}
+#: Stages that may run over several nodes (one torchrun agent per node, :mod:`mmfm.launch`).
+MULTI_NODE = ("train", "sample")
 #: Run-level keys that go into the training settings.
 RUN_TRAIN_KEYS = ("source", "coupling", "conditioning")
 
@@ -110,14 +112,50 @@ def guide_run(config: dict, run: str) -> str | None:
 
 
 def resources(config: dict, rule: str, run: str | None = None) -> dict[str, int]:
-    """``threads``, ``gpu``, ``mem_mb``, ``runtime`` (minutes) of ``rule`` (of ``run``'s job for train / sample)."""
+    """The resources of ``rule``'s job (of ``run``'s job for train / sample; the run's ``resources`` win):
+
+    ``threads`` and ``mem_mb`` per node, ``runtime`` (minutes), ``nodes``, ``gpus_per_node`` and ``gpu``
+    (all the job's GPUs, ``nodes * gpus_per_node``). A job of one node needs only ``gpu``; one of several
+    nodes gives ``nodes`` and ``gpus_per_node`` (or a ``gpu`` that ``nodes`` divides). Inconsistent values
+    raise :class:`ConfigError` naming the key."""
     if rule not in RULES:
         raise KeyError(f"resources: unknown rule {rule!r}; expected one of {RULES}")
-    out = dict(DEFAULT_RESOURCES)
-    out.update((config.get("resources") or {}).get(rule) or {})
+    given = dict((config.get("resources") or {}).get(rule) or {})
+    key = f"resources.{rule}"
     if run is not None:
-        out.update(((config["runs"][run].get("resources") or {}).get(rule)) or {})
+        mine = ((config["runs"][run].get("resources") or {}).get(rule)) or {}
+        if {"gpu", "nodes", "gpus_per_node"} & set(mine):
+            key = f"runs.{run}.resources.{rule}"
+            if "gpu" not in mine:  # the run's own node layout replaces the shared GPU count
+                given.pop("gpu", None)
+        given.update(mine)
+    out = {**DEFAULT_RESOURCES, **given}
+    nodes, gpn = int(given.get("nodes", 1)), given.get("gpus_per_node")
+    if nodes > 1 and rule not in MULTI_NODE:
+        raise ConfigError(f"{key}.nodes: {nodes}, but only {' and '.join(MULTI_NODE)} run over several nodes")
+    if nodes == 1:
+        gpu = int(given.get("gpu", gpn if gpn is not None else 0))
+        if gpn is not None and gpu > int(gpn):
+            raise ConfigError(f"{key}.gpu: {gpu} GPUs do not fit on one node of gpus_per_node {gpn}; set "
+                              f"nodes: {-(-gpu // int(gpn))}")
+        gpn = gpu
+    else:
+        if gpn is None:
+            if "gpu" not in given or int(given["gpu"]) % nodes:
+                raise ConfigError(f"{key}.gpus_per_node: {nodes} nodes need gpus_per_node (or a gpu that nodes "
+                                  f"divides; gpu is {given.get('gpu')})")
+            gpn = int(given["gpu"]) // nodes
+        gpn = int(gpn)
+        if "gpu" in given and int(given["gpu"]) != nodes * gpn:
+            raise ConfigError(f"{key}.gpu: {given['gpu']} is not nodes x gpus_per_node = {nodes} x {gpn}")
+        gpu = nodes * gpn
+    out.update(nodes=nodes, gpus_per_node=int(gpn), gpu=gpu)
     return out
+
+
+def multi_node_runs(config: dict, rule: str) -> list[str]:
+    """The runs whose ``rule`` job (train or sample) spans several nodes."""
+    return [r for r in run_names(config) if resources(config, rule, r)["nodes"] > 1]
 
 
 def nfes(config: dict) -> list[int]:
@@ -154,21 +192,32 @@ def tokenizer_kwargs(encoder: dict, device: str = "cpu", decoder: dict | None = 
     return kw
 
 
-def device(gpus: int) -> str:
-    """The torch device of a job asking for ``gpus`` GPUs: ``cuda`` (CUDA_VISIBLE_DEVICES picks which) when it
-    asked for one and CUDA is usable; the CPU otherwise, with a warning when it asked for a GPU that is not
-    usable here (a node without a driver, or the CI cluster's fake GPUs)."""
+def launch_flags(resources: dict, threads: int, allow_cpu_fallback: bool = False) -> list[str]:
+    """The ``mmfm train|sample`` flags of a workflow job, from the job's own resources (a profile's
+    ``set-resources`` may have changed the config's): the device (``cuda`` when the job has GPUs, and
+    then required), the node's ``threads``, and one process per GPU of a node -- ``gpu`` for a job of one
+    node; ``tasks`` agents of ``gres: gpu:G`` each, started through srun, for a job of several."""
+    agents = int(resources.get("tasks") or 1)
+    gres = str(resources.get("gres") or "")
+    per_node = int(gres.rsplit(":", 1)[1]) if agents > 1 and gres else int(resources.get("gpu") or 0)
+    flags = ["--device", "cuda" if per_node > 0 else "cpu", "--threads", str(threads)]
+    if allow_cpu_fallback:
+        flags.append("--allow-cpu-fallback")
+    if agents > 1:
+        return flags + ["--nnodes", str(agents), "--nproc", str(max(1, per_node)), "--srun"]
+    return flags + ["--nproc", str(max(1, per_node))]
+
+
+def device(gpus: int, allow_cpu_fallback: bool = False) -> str:
+    """The device of a job asking for ``gpus`` GPUs: ``"cuda"`` (CUDA_VISIBLE_DEVICES picks which), or
+    ``"cpu"`` for ``gpus = 0``. A job that asked for a GPU stops with :class:`mmfm.devices.DeviceError`
+    (naming why) when CUDA is unusable, unless ``allow_cpu_fallback`` (the config key of that name,
+    which the CI cluster's fake GPUs set) makes it warn and use the CPU."""
     if int(gpus) <= 0:
         return "cpu"
-    import warnings
+    from mmfm.devices import resolve
 
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    warnings.warn(f"the job asked for {gpus} GPU(s) but CUDA is not available here: running on the CPU",
-                  stacklevel=2)
-    return "cpu"
+    return resolve("cuda", gpus=int(gpus), allow_cpu_fallback=allow_cpu_fallback, key="resources gpu")
 
 
 def artifacts(config: dict) -> list[Artifact]:
@@ -303,6 +352,9 @@ def check(config: dict, root: str | Path = ".") -> None:
                 if guide_run(config, guide) == run:
                     raise ConfigError(f"runs.{run}.sample.guide: {run!r} and {guide!r} guide each other")
         _check_train(config, run)
+    for rule in RULES:
+        for run in (run_names(config) if rule in ("train", "sample") else [None]):
+            resources(config, rule, run)
     # local artifacts
     for art in artifacts(config):
         p = Path(art.path)

@@ -14,16 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmfm import io
-from mmfm.data import shards
-from mmfm.gmm import files
-from mmfm.gmm.em import DiagonalGMM
+from toyrun import assert_close_weights, assert_identical, config, make_toy, metric_steps, one_batch_shard, weights
+
 from mmfm.train import loop
 from mmfm.train.config import TrainConfig
 from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
-
-N_ROWS = 256
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -36,58 +31,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    """Two shards of tokens ``(n, 4, 2)`` around -2 or +2 (the mode), a 2-D CLS that separates the modes,
-    the matching CLS GMM and spatial GMM (2 modes). Returns ``(root, tokens (n, 4, 2))``."""
-    root = tmp_path_factory.mktemp("toy")
-    rng = np.random.default_rng(0)
-    k = rng.integers(0, 2, N_ROWS)
-    centre = np.where(k == 1, 2.0, -2.0)
-    tok = (centre[:, None, None] + 0.3 * rng.standard_normal((N_ROWS, 4, 2))).astype(np.float32)
-    cls = (centre[:, None] + 0.5 * rng.standard_normal((N_ROWS, 2))).astype(np.float32)
-    (root / "shards").mkdir()
-    meta = {"encoder": "toy", "revision": "0", "grid": [2, 2], "token_dim": 2, "cls_dim": 2}
-    for i in range(2):
-        sl = slice(i * N_ROWS // 2, (i + 1) * N_ROWS // 2)
-        shards.write_shard(root / "shards" / f"shard-{i}.parquet",
-                           {"image_id": np.arange(N_ROWS)[sl], "label": k[sl].astype(np.int32), "cls": cls[sl],
-                            "tokens": tok[sl]}, meta, row_group_rows=32)
-    files.save_cls_gmm(root / "cls.safetensors",
-                       DiagonalGMM(np.full(2, 0.5), np.array([[-2.0, -2.0], [2.0, 2.0]]), np.full((2, 2), 0.25)), {})
-    means = np.stack([np.full((4, 2), -2.0), np.full((4, 2), 2.0)]).astype(np.float32)
-    io.save_tensors(root / "spatial.safetensors", {"weights": np.full(2, 0.5), "means": means,
-                                                   "variances": np.full(2, 0.09, np.float32),
-                                                   "counts": np.array([N_ROWS // 2] * 2)}, {"kind": "spatial-gmm"})
-    return root, tok
-
-
-def config(root, setting="gaussian", **kw):
-    base = dict(global_batch=16, micro_batch_max=8, steps=20, lr=1e-3, ema_decay=0.99, checkpoint_every=10,
-                log_every=1, buffer_rows=64, time_shift=1.0, seed=3)
-    if setting != "gaussian":
-        base.update(source="gmm", gmm=str(root / "spatial.safetensors"), cls_gmm=str(root / "cls.safetensors"))
-    if setting == "mode":
-        base.update(coupling="mode-soft", conditioning="mode")
-    return {**base, **kw}
-
-
-def weights(ckpt):
-    """Model and EMA tensors of a checkpoint directory, as torch tensors."""
-    out = {}
-    for name in ("model", "ema"):
-        arrays, _ = io.open_tensors(ckpt / f"{name}.safetensors")
-        out.update({f"{name}.{k}": torch.from_numpy(np.array(v)) for k, v in arrays.items()})
-    return out
-
-
-def assert_identical(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def metric_steps(out):
-    with open(out / "metrics.csv", newline="") as f:
-        return [int(r["step"]) for r in csv.DictReader(f)]
+    """The two-mode toy (tests/toyrun.py): ``(root, tokens (n, 4, 2))``."""
+    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -402,14 +347,7 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
     import socket
 
     root, _ = toy
-    one = tmp_path / "one-batch"
-    one.mkdir()
-    from mmfm.data.stream import read_shard
-
-    rows = read_shard(root / "shards" / "shard-0.parquet", ("image_id", "label", "cls", "tokens"))
-    meta = {"encoder": "toy", "revision": "0", "grid": [2, 2], "token_dim": 2, "cls_dim": 2}
-    shards.write_shard(one / "shard-0.parquet", {k: np.asarray(v)[:16] for k, v in rows.items()}, meta,
-                       row_group_rows=8)
+    one = one_batch_shard(root, tmp_path / "one-batch")
     cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=6, shuffle=False,
                  grad_clip=0.5)
     script = tmp_path / "ddp.py"
@@ -427,9 +365,7 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
     res = train(cfg, one, tmp_path / "one", progress=False, device="cpu")
     assert (res["micro_batch"], res["accumulation"]) == (4, 4)
     a, b = weights(tmp_path / "two" / "step-0000006"), weights(res["checkpoint"])
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_close_weights(a, b)
     # the comparison has teeth: 6 steps moved the weights far more than the tolerance
     torch.manual_seed(cfg["seed"])  # as train() does before building the model
     init = loop.build_model(TrainConfig.from_dict(cfg), 4, 2, 2).state_dict()
@@ -468,13 +404,14 @@ def test_train_command_nproc_2_through_torchrun(toy, tmp_path):
     root, _ = toy
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(config(root, steps=4, checkpoint_every=2)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "4"}  # as Snakemake sets it for a rule of 4 threads
     proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "train", "--nproc", "2", "--config", str(cfg),
                            "--shards", str(root / "shards"), "--out", str(tmp_path / "run"), "--json"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and all(x["world_size"] == 2 and x["step"] == 4 for x in lines)
+    assert [x["threads"] for x in lines] == [2, 2]  # the job's 4 threads shared, not 4 per process
     assert (tmp_path / "run" / "ema.safetensors").is_file()
 
 

@@ -41,6 +41,39 @@ def res(stage, key, per_run=False):
     return lambda wildcards: mc.resources(config, stage, wildcards.run)[key]
 
 
+def _runs_pattern(runs):
+    return "|".join(map(re.escape, runs)) or "(?!)"  # (?!) matches nothing
+
+
+def runs_on_one_node(stage):
+    """The runs whose `stage` job (train, sample) runs on one node, as a wildcard pattern."""
+    many = set(mc.multi_node_runs(config, stage))
+    return _runs_pattern([r for r in mc.run_names(config) if r not in many])
+
+
+def runs_on_nodes(stage):
+    """The runs whose `stage` job spans several nodes (`nodes > 1` in their resources)."""
+    return _runs_pattern(mc.multi_node_runs(config, stage))
+
+
+def node_resources(stage):
+    """Resources of a job over several nodes, as the SLURM executor reads them: `nodes` nodes and as many
+    tasks (`mpi` keeps the executor from wrapping the job in a one-task srun; the script starts the tasks
+    itself), each task with the node's GPUs (`gres`, per node), threads (`cpus_per_task`) and memory."""
+    r = lambda key: lambda wildcards: mc.resources(config, stage, wildcards.run)[key]  # noqa: E731
+    gpn = r("gpus_per_node")
+    return {
+        "nodes": r("nodes"),
+        "tasks": r("nodes"),
+        "mpi": "srun",
+        "gres": lambda wildcards: f"gpu:{gpn(wildcards)}" if gpn(wildcards) > 0 else "",
+        "tasks_per_gpu": 0,  # else the executor turns `tasks` into --ntasks-per-gpu for a GPU job
+        "cpus_per_task": r("threads"),
+        "mem_mb": r("mem_mb"),
+        "runtime": r("runtime"),
+    }
+
+
 # ---- inputs and outputs of the stages
 
 

@@ -11,7 +11,7 @@ from mmfm.encoders.normalization import load_norm_stats  # noqa: E402
 
 sm = snakemake  # noqa: F821
 enc, sh = sm.params.encoder, sm.params.shards
-dev = device(sm.resources.gpu)
+dev = device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False))
 norm = load_norm_stats(enc["norm_stats"]) if enc.get("norm_stats") else None
 meta = encode_folder(
     sm.input.images, sm.output[0], load_tokenizer(**tokenizer_kwargs(enc, dev)),

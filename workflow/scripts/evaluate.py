@@ -24,7 +24,7 @@ from mmfm.train.released import read_metadata  # noqa: E402
 
 sm = snakemake  # noqa: F821
 ev, enc = sm.params.eval, sm.params.encoder
-dev = device(sm.resources.gpu)
+dev = device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False))
 step = int(read_metadata(sm.input.model).get("step", 0))
 samples = {int(re.fullmatch(r"nfe-(\d+)\.npz", Path(p).name).group(1)): p for p in sm.input.samples}
 

@@ -10,4 +10,4 @@ from mmfm.gmm.spatial import spatial_stats  # noqa: E402
 sm = snakemake  # noqa: F821
 s = sm.params.spatial
 print(spatial_stats(sm.input.shard, sm.input.cls_gmm, sm.output[0], flip=s["flip"], covariance=s["covariance"],
-                    rows=s["rows"], device=device(sm.resources.gpu), progress=True))
+                    rows=s["rows"], device=device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False)), progress=True))

@@ -145,7 +145,7 @@ def build_coupling(cfg: TrainConfig, source, device):
         return make_coupling(cfg.coupling, source)
     from mmfm.gmm.files import load_source
 
-    assigner = load_source(cfg.cls_gmm, device=device)
+    assigner = load_source(cfg.cls_gmm, device=device, dtype=torch.float64)  # posterior in float64 (couplings)
     if assigner.num_modes != source.num_modes:
         raise ValueError(f"cls_gmm: {cfg.cls_gmm} has {assigner.num_modes} modes, the spatial GMM {cfg.gmm} "
                          f"{source.num_modes}; they must come from the same fit")
@@ -170,12 +170,11 @@ def _dist() -> tuple[int, int, bool]:
     return (dist.get_rank(), dist.get_world_size(), True) if on else (0, 1, False)
 
 
-def _default_device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        import os
+def _default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` (made current) when CUDA is usable, else the CPU (:mod:`mmfm.devices`)."""
+    from mmfm import devices
 
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    return torch.device("cpu")
+    return devices.bind(devices.resolve(None))
 
 
 @contextlib.contextmanager
@@ -257,10 +256,11 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
         progress: show a tqdm bar (rank 0).
         max_steps: take at most this many optimizer steps in this call (a time-boxed job), then
             checkpoint and return with ``done`` false; ``None``: run to ``config.steps``.
-        device: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+        device: default ``cuda:LOCAL_RANK`` when CUDA is usable, else the CPU.
 
     Returns ``{"step", "done", "checkpoint", "ema" (the export, once done), "losses" (per step of this call),
-    "micro_batch", "accumulation", "world_size", "resumed_from"}``.
+    "micro_batch", "accumulation", "world_size", "resumed_from", "device", "threads" (CPU threads of this
+    process)}``.
 
     Raises :class:`TrainingInterrupted` after SIGTERM / SIGUSR1 (checkpoint written) and
     :class:`NonFiniteLoss` on a non-finite loss or gradient norm (no update, no checkpoint).
@@ -271,7 +271,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     cfg = TrainConfig.from_dict(config)
     out_dir = Path(out_dir)
     rank, world, distributed = _dist()
-    device = torch.device(device) if device is not None else _default_device(rank)
+    device = torch.device(device) if device is not None else _default_device()
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -463,7 +463,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     if done and rank == 0:
         exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step))
     return {"step": step, "done": done, "checkpoint": last_ckpt, "ema": exported, "losses": losses,
-            "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from}
+            "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from,
+            "device": str(device), "threads": torch.get_num_threads()}
 
 
 def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_labels: int, shift: float, device,

@@ -1,0 +1,89 @@
+"""A two-mode toy for training tests (tests/train, tests/test_launch.py): shards, GMM files, settings,
+and readers of what a run writes. Imported as ``toyrun`` (pytest's ``pythonpath`` holds tests/)."""
+
+import csv
+
+import numpy as np
+import torch
+
+from mmfm import io
+from mmfm.data import shards
+from mmfm.gmm import files
+from mmfm.gmm.em import DiagonalGMM
+
+N_ROWS = 256
+META = {"encoder": "toy", "revision": "0", "grid": [2, 2], "token_dim": 2, "cls_dim": 2}
+
+
+def make_toy(root):
+    """Two shards of tokens ``(n, 4, 2)`` around -2 or +2 (the mode), a 2-D CLS that separates the modes,
+    the matching CLS GMM and spatial GMM (2 modes) under ``root``. Returns ``(root, tokens (n, 4, 2))``."""
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 2, N_ROWS)
+    centre = np.where(k == 1, 2.0, -2.0)
+    tok = (centre[:, None, None] + 0.3 * rng.standard_normal((N_ROWS, 4, 2))).astype(np.float32)
+    cls = (centre[:, None] + 0.5 * rng.standard_normal((N_ROWS, 2))).astype(np.float32)
+    (root / "shards").mkdir()
+    for i in range(2):
+        sl = slice(i * N_ROWS // 2, (i + 1) * N_ROWS // 2)
+        shards.write_shard(root / "shards" / f"shard-{i}.parquet",
+                           {"image_id": np.arange(N_ROWS)[sl], "label": k[sl].astype(np.int32), "cls": cls[sl],
+                            "tokens": tok[sl]}, META, row_group_rows=32)
+    files.save_cls_gmm(root / "cls.safetensors",
+                       DiagonalGMM(np.full(2, 0.5), np.array([[-2.0, -2.0], [2.0, 2.0]]), np.full((2, 2), 0.25)), {})
+    means = np.stack([np.full((4, 2), -2.0), np.full((4, 2), 2.0)]).astype(np.float32)
+    io.save_tensors(root / "spatial.safetensors", {"weights": np.full(2, 0.5), "means": means,
+                                                   "variances": np.full(2, 0.09, np.float32),
+                                                   "counts": np.array([N_ROWS // 2] * 2)}, {"kind": "spatial-gmm"})
+    return root, tok
+
+
+def one_batch_shard(root, folder, rows=16):
+    """A folder with one shard of the toy's first ``rows`` rows (one global batch: every number of ranks
+    then trains on the same rows at every step)."""
+    from mmfm.data.stream import read_shard
+
+    folder.mkdir()
+    got = read_shard(root / "shards" / "shard-0.parquet", ("image_id", "label", "cls", "tokens"))
+    shards.write_shard(folder / "shard-0.parquet", {k: np.asarray(v)[:rows] for k, v in got.items()}, META,
+                       row_group_rows=8)
+    return folder
+
+
+def config(root, setting="gaussian", **kw):
+    """Training settings for the toy: ``gaussian``, ``gmm`` (GMM source) or ``mode`` (mode coupling and
+    mode conditioning)."""
+    base = dict(global_batch=16, micro_batch_max=8, steps=20, lr=1e-3, ema_decay=0.99, checkpoint_every=10,
+                log_every=1, buffer_rows=64, time_shift=1.0, seed=3)
+    if setting != "gaussian":
+        base.update(source="gmm", gmm=str(root / "spatial.safetensors"), cls_gmm=str(root / "cls.safetensors"))
+    if setting == "mode":
+        base.update(coupling="mode-soft", conditioning="mode")
+    return {**base, **kw}
+
+
+def weights(ckpt):
+    """Model and EMA tensors of a checkpoint directory, as torch tensors."""
+    out = {}
+    for name in ("model", "ema"):
+        arrays, _ = io.open_tensors(ckpt / f"{name}.safetensors")
+        out.update({f"{name}.{k}": torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+    return out
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def assert_close_weights(a, b):
+    """The same tensors to ``assert_close(rtol=1e-5, atol=1e-6)`` (1 process against N)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def metric_steps(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f)]
