@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from mmfm.bench.train import _batch, bench_train, count_flops, device_peak
+from mmfm.bench import train
+from mmfm.bench.train import PEAK_BF16, _batch, bench_train, count_flops, device_peak
 from mmfm.models.ditdh import build_ditdh
 
 
@@ -22,10 +24,91 @@ def test_counted_flops_are_linear_in_batch_and_cover_the_matmuls():
     assert 6 * macs <= one <= 6 * macs * 1.6
 
 
-def test_bench_train_reports_throughput_and_no_mfu_on_cpu():
+def test_bench_train_reports_throughput_and_no_mfu_on_cpu(capsys):
     out = bench_train("ditdh-tiny", batch=4, steps=2, warmup=1, in_channels=12, num_tokens=16, device="cpu")
     assert out["mfu"] is None and out["peak_flops_per_s"] is None and out["device"] == "cpu"
     assert out["samples_per_s"] == 4 * out["steps_per_s"] > 0
     assert out["flops_per_sample"] > 0 and out["parameters"] == sum(
         p.numel() for p in build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16).parameters())
     assert device_peak(torch.device("cpu")) == ("cpu", None)
+    assert capsys.readouterr().err == ""  # the CPU is not an unknown device: no notice
+
+
+# the strings torch.cuda.get_device_name() returns, and each board's data-sheet dense bf16 peak
+REAL_NAMES = [
+    ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA A100 80GB PCIe", 312e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),  # H100 SXM5
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 990e12),
+    ("NVIDIA L40S", 362.05e12),
+    ("NVIDIA L40", 181.05e12),
+    ("NVIDIA B200", 2250e12),
+]
+
+
+@pytest.fixture
+def gpu_named(monkeypatch):
+    """Make ``torch.cuda.get_device_name`` report ``name``; forget which unknown names were reported."""
+    monkeypatch.setattr(train, "_NOTIFIED", set())
+
+    def use(name):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return use
+
+
+@pytest.mark.parametrize("name, peak", REAL_NAMES)
+def test_device_peak_matches_each_real_device_name_exactly(gpu_named, capsys, name, peak):
+    gpu_named(name)
+    assert device_peak(torch.device("cuda", 0)) == (name, peak)
+    assert capsys.readouterr().err == ""
+
+
+def test_h100_variants_get_their_own_peaks_not_the_first_substring_match(gpu_named):
+    """"NVIDIA H100 80GB HBM3" contains "H100"; a substring table handed the SXM the PCIe peak."""
+    peaks = {}
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL"):
+        gpu_named(name)
+        peaks[name] = device_peak(torch.device("cuda", 0))[1]
+    assert peaks == {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12}
+
+
+def test_surrounding_whitespace_is_trimmed_but_case_and_spelling_are_not_folded(gpu_named, capsys):
+    gpu_named("  NVIDIA H200\n")
+    assert device_peak(torch.device("cuda", 0)) == ("NVIDIA H200", 989e12)
+    assert capsys.readouterr().err == ""
+    gpu_named("nvidia h200")
+    assert device_peak(torch.device("cuda", 0)) == ("nvidia h200", None)
+
+
+@pytest.mark.parametrize("name", [
+    "NVIDIA H100 80GB HBM3 MIG 1g.10gb",  # a MIG slice: 1/7 of the SMs, not the full-GPU peak
+    "NVIDIA A100-SXM4-40GB MIG 1g.5gb",
+    "NVIDIA H100",  # a generic Hopper name: contained in every H100 name, matches none
+    "Tesla V100-SXM2-32GB",  # no bf16 tensor cores
+    "NVIDIA GeForce RTX 4090",
+])
+def test_unknown_or_mig_device_gets_no_peak_and_one_notice(gpu_named, capsys, name):
+    gpu_named(name)
+    assert device_peak(torch.device("cuda", 0)) == (name, None)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and repr(name) in err
+    assert "MFU is reported as null" in err and "PEAK_BF16" in err and "bench/train.py" in err
+    assert ("MIG slice" in err) == (" MIG " in name)
+    assert device_peak(torch.device("cuda", 0)) == (name, None)  # once per name
+    assert capsys.readouterr().err == ""
+    gpu_named("NVIDIA Some Future GPU")
+    assert device_peak(torch.device("cuda", 0))[1] is None
+    assert "NVIDIA Some Future GPU" in capsys.readouterr().err  # another name gets its own notice
+
+
+def test_peak_table_keys_are_exact_driver_strings_with_positive_dense_peaks():
+    for name, peak in PEAK_BF16.items():
+        assert name == name.strip() and " MIG " not in name
+        assert isinstance(peak, float) and 1e14 <= peak <= 3e15, name
+    assert len({name.lower() for name in PEAK_BF16}) == len(PEAK_BF16)  # no key differs only by case

@@ -8,14 +8,18 @@ timed (synchronized on CUDA).
 ``flops_per_sample`` is counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over
 one forward and backward pass of the same batch (matrix products, convolutions and attention),
 divided by the batch. ``mfu = flops_per_sample * samples_per_s / peak``, with ``peak`` the dense
-bf16 tensor-core rate of the device (a table of data-sheet figures, by device name); it is
-``null`` on the CPU or an unknown device. The release trains DiTDH-XL at about 42 images/s per
-A100 (method.md §5: 25k steps in 21 h on 8 GPUs), reported as ``release_a100_samples_per_s`` for
-comparison.
+bf16 tensor-core rate of the device: ``PEAK_BF16``, a table of data-sheet figures keyed by the
+exact string ``torch.cuda.get_device_name`` returns (compared after trimming whitespace, never by
+substring, so an H100 SXM is not taken for an H100 PCIe and a MIG slice is not taken for the whole
+GPU). ``mfu`` is ``null`` on the CPU and on a device the table lacks; for the latter a one-line
+notice naming the device goes to stderr, once per name. The release trains DiTDH-XL at about
+42 images/s per A100 (method.md §5: 25k steps in 21 h on 8 GPUs), reported as
+``release_a100_samples_per_s`` for comparison.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -23,18 +27,73 @@ import torch
 from mmfm.flow.loss import velocity_loss
 from mmfm.models.ditdh import build_ditdh, count_parameters
 
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched by substring
-PEAK_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 756e12,
-             "A100": 312e12, "L40S": 362e12, "A6000": 155e12, "V100": 125e12}
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in FLOP/s, keyed by the exact name the CUDA driver
+# reports (torch.cuda.get_device_name; the same string nvidia-smi prints). Every name below appears
+# in NVIDIA's table of supported GPUs (open-gpu-kernel-modules README, "Compatible GPUs"); the
+# A100, H100, H200, GH200 and L40S names were also checked against torch / nvidia-smi output of
+# real machines. Figures are the vendor data sheets': those print
+# most tensor rates "with sparsity" (2x dense, starred); where a sheet prints the dense figure it is
+# used as is, otherwise half the sparse one, to whole TFLOP/s (as the Hopper white paper rounds).
+# Left out on purpose: Tesla V100 (no bf16 tensor cores: 125 TFLOP/s is fp16), "NVIDIA H100"
+# (a generic Hopper SKU name with no one data-sheet column), "NVIDIA A10G" (AWS part, no NVIDIA
+# data sheet), GB200 (per-GPU rate depends on the rack configuration), and every MIG slice
+# ("<GPU name> MIG 1g.10gb" etc.: a fraction of the SMs, so the full-GPU peak would be wrong).
+PEAK_BF16: dict[str, float] = {
+    # A100 data sheet: BFLOAT16 Tensor Core 312 TFLOPS | 624 TFLOPS* (all four boards)
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    # A40 data sheet: Peak BF16 Tensor TFLOPS with FP32 Accumulate 149.7 | 299.4*
+    "NVIDIA A40": 149.7e12,
+    # A10 data sheet: BF16 Tensor Core 125 TF | 250 TF*
+    "NVIDIA A10": 125e12,
+    # RTX A6000 (Ampere GA102 figures, as Microway tabulates them): BF16 tensor 154.8 | 309.7*
+    "NVIDIA RTX A6000": 154.8e12,
+    # L4 data sheet: BFLOAT16 Tensor Core 242 TFLOPS* -> 121 dense
+    "NVIDIA L4": 121e12,
+    # L40 / L40S data sheet: BFLOAT16 Tensor Core 181.05 | 362.1* (L40), 362.05 | 733* (L40S)
+    "NVIDIA L40": 181.05e12,
+    "NVIDIA L40S": 362.05e12,
+    # H100 data sheet: BFLOAT16 Tensor Core 1,979* (SXM), 1,513* (PCIe), 1,671* (NVL) TFLOPS;
+    # "specifications 1/2 lower without sparsity". The SXM5 board reports "80GB HBM3".
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    # H200 data sheet: BFLOAT16 Tensor Core 1,979* (SXM), 1,671* (NVL) TFLOPS
+    "NVIDIA H200": 989e12,
+    "NVIDIA H200 NVL": 835e12,
+    # GH200 data sheet: BFLOAT16 Tensor Core 1,979 TFLOPS* | 990 TFLOPS (one GPU; the names differ by
+    # memory: LPDDR5X 480GB / 120GB, HBM3 96GB or HBM3e 144GB)
+    "NVIDIA GH200 480GB": 990e12,
+    "NVIDIA GH200 120GB": 990e12,
+    "NVIDIA GH200 144G HBM3e": 990e12,
+    # HGX B200 specifications: FP16/BF16 Tensor Core 4.5 PFLOPS* per GPU -> 2.25 dense
+    "NVIDIA B200": 2250e12,
+}
 RELEASE_A100_SAMPLES_PER_S = 42.0
+_NOTIFIED: set[str] = set()  # unknown device names already reported
 
 
 def device_peak(device: torch.device) -> tuple[str, float | None]:
-    """``(device name, dense bf16 peak FLOP/s or None)``."""
+    """``(device name, dense bf16 peak FLOP/s or None)``.
+
+    The name is looked up in ``PEAK_BF16`` exactly, after trimming whitespace, and case-sensitively:
+    the keys are the driver's own strings, copied verbatim, so folding case would only hide a
+    mistyped key. A name the table lacks (including a MIG slice) gives ``None``, with a one-line
+    notice on stderr the first time that name is seen. The CPU gives ``("cpu", None)``.
+    """
     if device.type != "cuda":
         return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    return name, next((v for k, v in PEAK_BF16.items() if k in name), None)
+    name = torch.cuda.get_device_name(device).strip()
+    peak = PEAK_BF16.get(name)
+    if peak is None and name not in _NOTIFIED:
+        _NOTIFIED.add(name)
+        mig = " (a MIG slice: a fraction of the GPU's SMs)" if " MIG " in f" {name} " else ""
+        print(f"mmfm: no dense bf16 peak is known for CUDA device {name!r}{mig}, so MFU is reported as null; "
+              f"to add a device, put its exact name and data-sheet dense bf16 FLOP/s into PEAK_BF16 in "
+              f"{__name__.replace('.', '/')}.py", file=sys.stderr)
+    return name, peak
 
 
 def _batch(b: int, n: int, c: int, device, generator):
