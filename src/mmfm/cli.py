@@ -268,6 +268,14 @@ def _bench_train(args: argparse.Namespace) -> int:
     return _report_bench(result, args.json)
 
 
+def _bench_checkpoint(args: argparse.Namespace) -> int:
+    from mmfm.bench.checkpoint import bench_checkpoint
+
+    result = bench_checkpoint(preset=args.preset, out_dir=args.out_dir, in_channels=args.channels,
+                              num_tokens=args.tokens, seed=args.seed, keep=args.keep)
+    return _report_bench(result, args.json)
+
+
 def _read_config(path: str) -> dict:
     import yaml
 
@@ -733,6 +741,20 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--compile", action="store_true", help="torch.compile the network")
     bt.add_argument("--json", action="store_true", help="print only the JSON line")
     bt.set_defaults(func=_bench_train)
+
+    bc = bench.add_parser("checkpoint", help="seconds and bytes of a training checkpoint (the stop-signal lead time)",
+                          description="Write and read back the checkpoint a run of the preset writes on a stop "
+                                      "signal (model, EMA, AdamW, ...), beside a plain sequential write of the same "
+                                      "bytes; recommends SLURM's --signal lead time.")
+    bc.add_argument("--preset", default="ditdh-xl", help="DiTDH preset (default: %(default)s)")
+    bc.add_argument("--out-dir", default=None,
+                    help="where to write (default: the current directory; use the runs' filesystem)")
+    bc.add_argument("--channels", type=int, default=768, help="latent token width")
+    bc.add_argument("--tokens", type=int, default=256, help="latent tokens")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--keep", action="store_true", help="keep the files")
+    bc.add_argument("--json", action="store_true", help="print only the JSON line")
+    bc.set_defaults(func=_bench_checkpoint)
     return parser
 
 
