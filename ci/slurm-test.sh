@@ -19,8 +19,14 @@
 #    - the GPU rules ($SLURM_TEST_GPU_RULES) ran and got a fake GPU: scontrol's JOB_GRES=gpu:N, and
 #      the rule's srun step saw SLURM_STEP_GPUS / CUDA_VISIBLE_DEVICES (written by the cluster's
 #      TaskProlog to $SLURM_RUN_DIR/jobenv/<jobid>.<step>); the other rules got no GPU;
+#    - the multi-node rules ($SLURM_TEST_NODES_RULES) ran as jobs of 2 tasks, whose srun step started
+#      2 torchrun agents that met at the c10d rendezvous (every rank's result line: world size 2);
 #    - nothing of the run is left in the SLURM queue;
 #    - a rerun `snakemake -n` says "Nothing to be done" (no rerun triggers fire).
+# 6. a stop signal during training: gmm-indep is extended to 300 steps; once it passes step 60, its
+#    job's steps get SIGTERM (scancel --signal=TERM: what --signal=TERM@lead sends); the job must fail
+#    with a checkpoint, Snakemake's retry must resume it in a new SLURM job, and metrics.csv must count
+#    every step once, 1..300.
 # 5. always (trap): ci/slurm-down.sh, unless SLURM_TEST_KEEP_UP=1.
 #
 # Why these checks: without slurmdbd there is no sacct. squeue/scontrol keep finished jobs for
@@ -29,7 +35,9 @@
 #
 # Env: SLURM_TEST_TIMEOUT   seconds for the real run (default 1200); a hang fails, it does not stall
 #      SLURM_TEST_CONFIG    config files (default "config.yaml ci/slurm-config.yaml")
-#      SLURM_TEST_GPU_RULES rules that must get a GPU (default "train sample")
+#      SLURM_TEST_GPU_RULES rules that must get a GPU (default "train train_nodes sample")
+#      SLURM_TEST_NODES_RULES rules whose jobs run one torchrun agent per task (default "train_nodes")
+#      SLURM_TEST_SIGNAL=0   skip step 6 (the stop signal and Snakemake's retry)
 #      SLURM_TEST_WORKDIR   where the copy runs (default: a new /tmp/mmfm-slurm-test.XXXXXX);
 #                           removed after a pass, kept after a failure
 #      SLURM_TEST_KEEP_UP=1 leave the cluster up afterwards
@@ -41,7 +49,8 @@ REPO=$(cd "$HERE/.." && pwd)
 export SLURM_RUN_DIR=${SLURM_RUN_DIR:-/tmp/mmfm-slurm}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-1200}
 CONFIG=${SLURM_TEST_CONFIG:-config.yaml ci/slurm-config.yaml}
-export SLURM_TEST_GPU_RULES=${SLURM_TEST_GPU_RULES:-train sample}
+export SLURM_TEST_GPU_RULES=${SLURM_TEST_GPU_RULES:-train train_nodes sample}
+export SLURM_TEST_NODES_RULES=${SLURM_TEST_NODES_RULES:-train_nodes}
 PROFILE=profiles/slurm-ci
 
 log() { echo "[slurm-test] $*"; }
@@ -108,7 +117,7 @@ fi
 
 # --- 4. checks --------------------------------------------------------------------------------
 "$SMK_PY" - <<'PY'
-import os, re, subprocess, sys
+import json, os, re, subprocess, sys
 from collections import defaultdict
 
 gpu_rules = os.environ["SLURM_TEST_GPU_RULES"].split()
@@ -164,6 +173,17 @@ for jobid, rule in sorted(finished.items()):
         step = ""
     step_gpus = (re.search(r"SLURM_STEP_GPUS=(\S*)", step) or [None, ""])[1]
     cvd = (re.search(r"CUDA_VISIBLE_DEVICES=(\S*)", step) or [None, ""])[1]
+    if rule in os.environ["SLURM_TEST_NODES_RULES"].split():
+        if f("NumTasks") != "2":
+            errors.append(f"rule {rule}: SLURM job {sid} has NumTasks={f('NumTasks')}, expected 2 (one agent each)")
+        wc = (re.search(r"wildcards_(\S+)", comment) or [None, ""])[1]
+        try:
+            ranks = [json.loads(x) for x in open(f"results/logs/train/{wc}.log") if x.startswith('{"step"')]
+        except OSError:
+            ranks = []
+        if len(ranks) != 2 or {r.get("world_size") for r in ranks} != {2}:
+            errors.append(f"rule {rule}: results/logs/train/{wc}.log has {len(ranks)} rank result(s) "
+                          f"{[r.get('world_size') for r in ranks]}, expected 2 of world size 2")
     if rule in gpu_rules:
         if not re.fullmatch(r"gpu(:\w+)?:[1-9]\d*", gres):
             errors.append(f"GPU rule {rule}: SLURM job {sid} has JOB_GRES={gres}, no GPU allocated")
@@ -209,6 +229,50 @@ if ! grep -q "Nothing to be done" rerun.log; then
 fi
 log "rerun dry run: nothing to be done"
 
+# --- 6. a stop signal during training; Snakemake's retry resumes --------------------------------
+t5=$(date +%s)
+if [ "${SLURM_TEST_SIGNAL:-1}" = 1 ]; then
+  RUN_DIR=results/runs/gmm-indep
+  last_step() { tail -n 1 "$RUN_DIR/metrics.csv" 2>/dev/null | cut -d, -f1; }
+  before=$(last_step)
+  log "stop signal: gmm-indep extended from step $before to 300; SIGTERM to its job once past step 60"
+  # a --config replaces the profile's config list: repeat allow_cpu_fallback
+  # shellcheck disable=SC2086
+  timeout -k 15 "$TIMEOUT" snakemake --profile "$PROFILE" --configfile $CONFIG \
+    --config 'runs={gmm-indep: {train: {steps: 300, checkpoint_every: 50}}}' allow_cpu_fallback=true \
+    > signal.log 2>&1 &
+  smk=$!
+  jid=""; deadline=$(( $(date +%s) + TIMEOUT ))
+  while [ "$(date +%s)" -lt "$deadline" ] && kill -0 "$smk" 2>/dev/null; do
+    step=$(last_step)
+    if [ -n "$step" ] && [ "$step" != step ] && [ "$step" -ge 60 ]; then
+      jid=$(squeue -h -o "%i %k" | awk '$2 == "rule_train_wildcards_gmm-indep" {print $1}' | head -1)
+      [ -n "$jid" ] && break
+    fi
+    sleep 1
+  done
+  [ -n "$jid" ] || { tail -n 40 signal.log; fail "the extended gmm-indep train job never passed step 60 in SLURM"; }
+  scancel --signal=TERM "$jid"
+  log "sent SIGTERM to the steps of SLURM job $jid at step $(last_step)"
+  set +e; wait "$smk"; sig_rc=$?; set -e
+  [ "$sig_rc" = 0 ] || { tail -n 60 signal.log; fail "the run after the stop signal failed (rc $sig_rc; signal.log in $WORK)"; }
+  state=$(scontrol show job "$jid" | grep -oE "JobState=[A-Z]+" || true)
+  [ "$state" = JobState=FAILED ] || fail "the signalled job $jid ended $state, expected FAILED (exit 143 of the trainer)"
+  grep -q "Trying to restart job" signal.log || fail "Snakemake did not retry the signalled train job (signal.log)"
+  from=$(grep -oE "resuming from $RUN_DIR/step-[0-9]+" results/logs/train/gmm-indep.log | tail -1 | grep -oE "[0-9]+$" || true)
+  [ -n "$from" ] && [ "$((10#$from))" -ge 60 ] \
+    || fail "the retried train job did not resume from the signal's checkpoint (results/logs/train/gmm-indep.log: '$from')"
+  "$SMK_PY" - "$RUN_DIR/metrics.csv" <<'PY' || fail "metrics.csv of the stopped and resumed run is wrong"
+import csv, sys
+steps = [int(r["step"]) for r in csv.DictReader(open(sys.argv[1]))]
+first = steps[0]
+assert steps == list(range(first, 301, first)), steps[:5] + ["..."] + steps[-5:]
+print(f"[slurm-test] metrics.csv: steps {steps[0]}..{steps[-1]}, each once, in order")
+PY
+  log "stop signal: job $jid FAILED after its checkpoint at step $((10#$from)), the retry resumed from it, the run reached step 300"
+fi
+t6=$(date +%s)
+
 passed=1
 log "PASS"
-log "TIMING slurm_up=$((t1 - t0))s run=$((t2 - t1))s rerun_check=$((t4 - t3))s total=$((t4 - t0))s"
+log "TIMING slurm_up=$((t1 - t0))s run=$((t2 - t1))s rerun_check=$((t4 - t3))s signal=$((t6 - t5))s total=$((t6 - t0))s"

@@ -317,6 +317,7 @@ def _train(args: argparse.Namespace) -> int:
         with process_group(device), _trainer_lock(args.out, held_by_parent(args.out)):
             if _rank() == 0:
                 _prepare_run_folder(Path(args.out), cfg, args.fresh_if_changed)
+            _barrier()  # no rank looks for checkpoints while rank 0 may be clearing them
             res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
                         max_steps=args.max_steps, device=device)
     except RunFolderLocked as err:
@@ -364,6 +365,13 @@ def _trainer_lock(out: str, held: bool):
     finally:
         if lock is not None:
             lock.release()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:

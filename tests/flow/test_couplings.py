@@ -134,3 +134,26 @@ def test_couplings_reject_bad_input():
     with pytest.raises(ValueError, match="coupling"):
         make_coupling("sinkhorn", src)
     assert isinstance(make_coupling("mode", src, assignment="hard"), ModeCoupling)
+
+
+def test_mode_coupling_assigns_in_float64_whatever_the_inputs_dtype():
+    """Uncentred 768-wide float32 descriptors far from two modes and a hair either side of the boundary
+    between them: float32 arithmetic gets some wrong; the coupling's assignment is the float64 one for
+    every row (a TF32 or float32 product cannot round it)."""
+    g = torch.Generator().manual_seed(0)
+    mu = (torch.randn(2, 768, generator=g, dtype=torch.float64) + 30.0).float()  # like CLS tokens
+    cls = GaussianMixtureSource(torch.tensor([0.5, 0.5], dtype=torch.float64), mu, torch.ones(2, 768))
+    u = (mu[1] - mu[0]).double() / (mu[1] - mu[0]).double().norm()
+    away = torch.randn(400, 768, generator=g, dtype=torch.float64)
+    away = away - (away @ u)[:, None] * u  # orthogonal to the modes' difference: equal distance to both
+    away = 100 * away / away.norm(dim=1, keepdim=True)
+    eta = (torch.rand(400, generator=g, dtype=torch.float64) * 2 - 1) * 1e-4
+    descriptor = ((mu[0].double() + mu[1].double()) / 2 + eta[:, None] * u + away).float()  # as shards hold them
+    exact = GaussianMixtureSource(cls.weights, mu.double(), torch.ones(2, 768, dtype=torch.float64))
+    truth = exact.log_joint(descriptor.double()).argmax(1)
+    assert 0.2 < truth.float().mean() < 0.8
+    in_float32 = cls.log_joint(descriptor).argmax(1)
+    assert (in_float32 != truth).float().mean() > 0.02  # the test has teeth
+    spatial = GaussianMixtureSource(torch.tensor([0.5, 0.5]), torch.zeros(2, 4, 2), torch.ones(2))
+    _, _, modes = ModeCoupling(spatial, assigner=cls, assignment="hard")(torch.zeros(400, 4, 2), descriptor)
+    assert torch.equal(modes, truth)

@@ -391,8 +391,19 @@ def test_train_command_runs_resumes_and_reports(toy, tmp_path, capsys):
     second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert second["step"] == 6 and second["done"] and second["resumed_from"].endswith("step-0000003")
     assert (tmp_path / "run" / "ema.safetensors").is_file()
+    assert yaml.safe_load((tmp_path / "run" / "train.yaml").read_text())["steps"] == 6  # what the run was given
     cfg.write_text(yaml.safe_dump({"train": {**config(root), "nope": 1}}))
     assert main(args) == 2 and "nope" in capsys.readouterr().err
+    # other settings: an error naming them, or with --fresh-if-changed (the workflow) a fresh start
+    cfg.write_text(yaml.safe_dump({"train": config(root, steps=6, checkpoint_every=3, lr=5e-4)}))
+    assert main(args) == 2 and "lr: 0.001 -> 0.0005" in capsys.readouterr().err
+    assert main(args + ["--fresh-if-changed"]) == 0
+    out = capsys.readouterr()
+    third = json.loads(out.out.strip().splitlines()[-1])
+    assert "trained with other settings (lr): starting afresh" in out.err
+    assert third["resumed_from"] is None and third["step"] == 6
+    assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-0000003", "step-0000006"]
+    assert (tmp_path / "run" / ".lock").is_file()  # the lock file stays while the folder is emptied
 
 
 @pytest.mark.slow
