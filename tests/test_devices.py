@@ -9,16 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from toyrun import config, make_toy
+from toyrun import config
 
 import mmfm.config as mc
 from mmfm import cli, devices
 from mmfm.cli import main
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 @pytest.fixture

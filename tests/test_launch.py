@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from toyrun import assert_close_weights, assert_identical, config, make_toy, metric_steps, one_batch_shard, weights
+from toyrun import (assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, tiny_sampler,
+                    weights)
 
 from mmfm import launch
 from mmfm.cli import main
@@ -22,17 +23,7 @@ from mmfm.train.loop import train
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return make_toy(tmp_path_factory.mktemp("toy"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_config(path, cfg):
@@ -189,22 +180,9 @@ def test_two_agents_on_localhost_give_the_weights_of_one_process(toy, tmp_path, 
 
 
 @pytest.mark.slow
-def test_sampling_over_two_agents_writes_the_set_of_one_process(tmp_path, capsys):
-    from mmfm import io
-    from mmfm.flow.sources import GaussianMixtureSource
-    from mmfm.models.ditdh import build_ditdh
-
-    torch.manual_seed(0)
-    net = build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16, conditioning="mode", num_classes=3)
-    torch.save({"ema": net.state_dict()}, tmp_path / "mode-gmm-1k.pt")
-    model = tmp_path / "v.safetensors"
-    assert main(["import-checkpoint", "--checkpoint", str(tmp_path / "mode-gmm-1k.pt"), "--out", str(model)]) == 0
-    g = torch.Generator().manual_seed(1)
-    src = GaussianMixtureSource(torch.full((3,), 1 / 3, dtype=torch.float64), torch.randn(3, 16, 12, generator=g),
-                                torch.full((3,), 0.25))
-    io.save_tensors(tmp_path / "spatial.safetensors", {"weights": src.weights.numpy(), "means": src.means.numpy(),
-                                                       "variances": src.variances.numpy()})
-    args = ["sample", "--model", model, "--source", tmp_path / "spatial.safetensors", "--num-samples", 7,
+def test_sampling_over_two_agents_writes_the_set_of_one_process(tmp_path):
+    model, source = tiny_sampler(tmp_path)
+    args = ["sample", "--model", model, "--source", source, "--num-samples", 7,
             "--steps", 3, "--batch-size", 2, "--encoder", "pixels", "--image-size", 8, "--json"]
     assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
     endpoint = f"127.0.0.1:{free_port()}"

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from toyrun import tiny_sampler
 
 from mmfm.encoders import PixelTokenizer
 from mmfm.encoders.normalization import LatentNorm
@@ -109,20 +110,10 @@ def test_decoded_pixels_round_trip_and_adm_files(tmp_path):
 def test_sample_command_end_to_end(tmp_path, capsys):
     import json
 
-    from mmfm import io
     from mmfm.cli import main
-    from mmfm.models.ditdh import build_ditdh
 
-    torch.manual_seed(0)
-    net = build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16, conditioning="mode", num_classes=3)
-    torch.save({"ema": net.state_dict()}, tmp_path / "mode-gmm-1k.pt")
-    model = tmp_path / "v.safetensors"
-    assert main(["import-checkpoint", "--checkpoint", str(tmp_path / "mode-gmm-1k.pt"), "--out", str(model)]) == 0
-    source = gmm(shape=(16, 12))
-    io.save_tensors(tmp_path / "spatial.safetensors", {"weights": source.weights.numpy(),
-                                                       "means": source.means.numpy(),
-                                                       "variances": source.variances.numpy()})
-    args = ["sample", "--model", str(model), "--source", str(tmp_path / "spatial.safetensors"), "--n", "5",
+    model, source = tiny_sampler(tmp_path)
+    args = ["sample", "--model", str(model), "--source", str(source), "--n", "5",
             "--steps", "3", "--batch-size", "2", "--encoder", "pixels", "--image-size", "8", "--json"]
     assert main(args + ["--out", str(tmp_path / "a.npz"), "--grid", str(tmp_path / "a.png")]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

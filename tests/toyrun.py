@@ -87,3 +87,22 @@ def assert_close_weights(a, b):
 def metric_steps(out):
     with open(out / "metrics.csv", newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]
+
+
+def tiny_sampler(folder):
+    """A random mode-conditional ``ditdh-tiny`` over 16 tokens of width 12 (the pixels tokenizer's 8 x 8
+    images), imported as a released checkpoint is, and a 3-mode spatial GMM for it, in ``folder``.
+    Returns ``(model .safetensors, source .safetensors)``."""
+    from mmfm.cli import main
+    from mmfm.models.ditdh import build_ditdh
+
+    torch.manual_seed(0)
+    net = build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16, conditioning="mode", num_classes=3)
+    torch.save({"ema": net.state_dict()}, folder / "mode-gmm-1k.pt")
+    model, source = folder / "v.safetensors", folder / "spatial.safetensors"
+    assert main(["import-checkpoint", "--checkpoint", str(folder / "mode-gmm-1k.pt"), "--out", str(model)]) == 0
+    g = torch.Generator().manual_seed(0)
+    io.save_tensors(source, {"weights": np.array([0.6, 0.3, 0.1]),
+                             "means": 3 * torch.randn(3, 16, 12, generator=g).numpy(),
+                             "variances": (torch.rand(3, generator=g) + 0.2).numpy()})
+    return model, source

@@ -212,21 +212,15 @@ def _bind(args: argparse.Namespace, device_type: str):
     import signal
 
     from mmfm import devices
-    from mmfm.launch import WORKER_ENV
+    from mmfm.launch import WORKER_ENV, is_worker
 
-    if _launched_worker() and os.environ.get(WORKER_ENV, "").isdigit():
+    if is_worker() and os.environ.get(WORKER_ENV, "").isdigit():
         devices.set_parent_death_signal(signal.SIGTERM, parent=int(os.environ[WORKER_ENV]))
-    elif not _launched_worker() and args.threads:
+    elif not is_worker() and args.threads:
         import torch
 
         torch.set_num_threads(devices.threads_per_process(args.threads, 1))
     return devices.bind(device_type, args.device)
-
-
-def _launched_worker() -> bool:
-    from mmfm.launch import is_worker
-
-    return is_worker()
 
 
 def _rank() -> int:
@@ -243,7 +237,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     spec = _launch(args)
     device_type = _device_type(args)
-    if not _launched_worker() and (spec.world_size > 1 or spec.srun):
+    if not launch.is_worker() and (spec.world_size > 1 or spec.srun):
         launch.check_devices(spec, device_type)
         return launch.run(spec, _worker_argv(args), gpus=device_type == "cuda")
     device = _bind(args, device_type)
@@ -307,7 +301,7 @@ def _train(args: argparse.Namespace) -> int:
     spec = _launch(args)
     device_type = _device_type(args)
     try:
-        if not _launched_worker() and (spec.world_size > 1 or spec.srun):
+        if not launch.is_worker() and (spec.world_size > 1 or spec.srun):
             launch.check_devices(spec, device_type)
             if spec.nnodes > 1:  # rank 0 locks, after the nodes met
                 return launch.run(spec, _worker_argv(args), gpus=device_type == "cuda")
@@ -381,6 +375,7 @@ def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
 
     import yaml
 
+    from mmfm.io import atomic_path
     from mmfm.train.checkpoint import checkpoint_config, latest_checkpoint
     from mmfm.train.lock import LOCK_NAME
 
@@ -396,8 +391,6 @@ def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
         else:
             print(f"mmfm train: resuming from {latest}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    from mmfm.io import atomic_path
-
     with atomic_path(out / "train.yaml") as tmp:
         Path(tmp).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 

@@ -220,6 +220,12 @@ def device(gpus: int, allow_cpu_fallback: bool = False) -> str:
     return resolve("cuda", gpus=int(gpus), allow_cpu_fallback=allow_cpu_fallback, key="resources gpu")
 
 
+def job_device(job) -> str:
+    """:func:`device` of a running Snakemake job (a script's ``snakemake`` object): its ``gpu`` resource and
+    the config's ``allow_cpu_fallback``."""
+    return device(job.resources.gpu, job.config.get("allow_cpu_fallback", False))
+
+
 def artifacts(config: dict) -> list[Artifact]:
     """The local files and folders the config points at (each must exist before the workflow starts)."""
     out = []

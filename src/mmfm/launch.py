@@ -129,6 +129,7 @@ def run(spec: Launch, argv: list[str], env: dict[str, str] | None = None, gpus: 
 
 def _agent(spec: Launch, argv: list[str], env: dict[str, str]) -> int:
     """This node's elastic agent: ``spec.nproc`` workers, the rendezvous, the stop signals."""
+    from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
@@ -161,7 +162,7 @@ def _agent(spec: Launch, argv: list[str], env: dict[str, str]) -> int:
         print(f"mmfm: rank {rank} (PID {first.pid}) exited with {code}"
               + (f" (killed by {signal.Signals(-code).name})" if code < 0 else ""), file=sys.stderr)
         return 128 - code if code < 0 else code
-    except (RendezvousError, TimeoutError, ConnectionError, RuntimeError) as err:
+    except (RendezvousError, DistError, TimeoutError, ConnectionError) as err:  # the agents did not meet
         if spec.nnodes == 1:
             raise
         what = "static" if spec.node_rank is not None else f"c10d, id {run_id!r}"

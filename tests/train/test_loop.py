@@ -14,25 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from toyrun import assert_close_weights, assert_identical, config, make_toy, metric_steps, one_batch_shard, weights
+from toyrun import assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, weights
 
 from mmfm.train import loop
 from mmfm.train.config import TrainConfig
 from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: fast on 2 busy cores, and the same kernels in the test and its subprocesses."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    """The two-mode toy (tests/toyrun.py): ``(root, tokens (n, 4, 2))``."""
-    return make_toy(tmp_path_factory.mktemp("toy"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ config

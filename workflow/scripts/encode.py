@@ -4,14 +4,14 @@ import sys
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
 
-from mmfm.config import device, tokenizer_kwargs  # noqa: E402
+from mmfm.config import job_device, tokenizer_kwargs  # noqa: E402
 from mmfm.data.encode import encode_folder  # noqa: E402
 from mmfm.encoders import load_tokenizer  # noqa: E402
 from mmfm.encoders.normalization import load_norm_stats  # noqa: E402
 
 sm = snakemake  # noqa: F821
 enc, sh = sm.params.encoder, sm.params.shards
-dev = device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False))
+dev = job_device(sm)
 norm = load_norm_stats(enc["norm_stats"]) if enc.get("norm_stats") else None
 meta = encode_folder(
     sm.input.images, sm.output[0], load_tokenizer(**tokenizer_kwargs(enc, dev)),

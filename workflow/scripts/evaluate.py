@@ -18,13 +18,13 @@ sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
 
 from mmfm import io  # noqa: E402
-from mmfm.config import device  # noqa: E402
+from mmfm.config import job_device  # noqa: E402
 from mmfm.train.evaluate import FD_COLUMNS  # noqa: E402
 from mmfm.train.released import read_metadata  # noqa: E402
 
 sm = snakemake  # noqa: F821
 ev, enc = sm.params.eval, sm.params.encoder
-dev = device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False))
+dev = job_device(sm)
 step = int(read_metadata(sm.input.model).get("step", 0))
 samples = {int(re.fullmatch(r"nfe-(\d+)\.npz", Path(p).name).group(1)): p for p in sm.input.samples}
 

@@ -4,10 +4,10 @@ import sys
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
 
-from mmfm.config import device  # noqa: E402
+from mmfm.config import job_device  # noqa: E402
 from mmfm.gmm.spatial import spatial_stats  # noqa: E402
 
 sm = snakemake  # noqa: F821
 s = sm.params.spatial
 print(spatial_stats(sm.input.shard, sm.input.cls_gmm, sm.output[0], flip=s["flip"], covariance=s["covariance"],
-                    rows=s["rows"], device=device(sm.resources.gpu, sm.config.get("allow_cpu_fallback", False)), progress=True))
+                    rows=s["rows"], device=job_device(sm), progress=True))
