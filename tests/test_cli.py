@@ -25,7 +25,7 @@ def test_import_checkpoint_command(tmp_path, capsys):
     import torch
 
     from mmfm.models.ditdh import build_ditdh
-    from mmfm.train.released import load_velocity_model
+    from mmfm.models.velocity import load_velocity_model
 
     net = build_ditdh("ditdh-tiny", in_channels=4, num_tokens=16)
     torch.save({"ema": net.state_dict(), "train_steps": 3}, tmp_path / "uncond-gmm-25k.pt")

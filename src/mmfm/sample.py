@@ -201,7 +201,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
                end: float = 1.0, guide: str | os.PathLike | None = None, guidance_scale: float = 1.0,
                guidance_interval=(0.0, 1.0), cfg_scale: float = 1.0, norm=None, batch_size: int = 64,
                device: str = "cpu", grid: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """The sampling stage: an exported velocity network (``mmfm.train.released.load_velocity_model``;
+    """The sampling stage: an exported velocity network (``mmfm.models.velocity.load_velocity_model``;
     its metadata gives the conditioning and the latent shape), noise from ``source`` (``"gaussian"`` or
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
     model gets the same modes in its guide) or classifier-free guidance at ``cfg_scale`` for a
@@ -214,7 +214,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     import torch.distributed as dist
 
     from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
-    from mmfm.train.released import load_velocity_model, read_metadata
+    from mmfm.models.velocity import load_velocity_model, read_metadata
 
     meta = read_metadata(model)
     velocity = load_velocity_model(model, device)

@@ -60,7 +60,7 @@ def test_settings_run_and_export(toy, tmp_path, setting):
     with open(tmp_path / "metrics.csv", newline="") as f:
         assert next(csv.reader(f)) == ["step", "loss", "lr", "grad_norm", "samples_per_s", "mfu"]
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000010", "step-0000012"]
-    from mmfm.train.released import load_velocity_model
+    from mmfm.models.velocity import load_velocity_model
 
     net = load_velocity_model(tmp_path / "ema.safetensors")
     assert net.conditioning == ("mode" if setting == "mode" else "none")
@@ -71,7 +71,7 @@ def test_settings_run_and_export(toy, tmp_path, setting):
 
 @pytest.mark.parametrize("model, overrides", [("mlp", {"hidden": 32, "depth": 2}), ("ditdh-tiny", {"depth": 1})])
 def test_exports_of_the_mlp_and_of_overridden_presets_load_and_match_the_ema(toy, tmp_path, model, overrides):
-    from mmfm.train.released import load_velocity_model
+    from mmfm.models.velocity import load_velocity_model
 
     root, _ = toy
     cfg = TrainConfig.from_dict(config(root, model=model, model_overrides=overrides, steps=3))
@@ -89,7 +89,7 @@ def test_learns_the_toy(toy, tmp_path):
     from mmfm.flow.sources import GaussianSource
     from mmfm.metrics.frechet import frechet_distance_of
     from mmfm.sample import sample_latents
-    from mmfm.train.released import load_velocity_model
+    from mmfm.models.velocity import load_velocity_model
 
     root, tok = toy
     res = train(config(root, steps=300, lr=2e-3, checkpoint_every=300, log_every=50), root / "shards", tmp_path,

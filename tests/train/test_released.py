@@ -11,8 +11,9 @@ import torch
 from mmfm import io
 from mmfm.flow import RAEConvention
 from mmfm.models import VelocityMLP, build_ditdh, count_parameters
+from mmfm.models.velocity import load_velocity_model, read_metadata
 from mmfm.train import released
-from mmfm.train.released import import_released_checkpoint, load_velocity_model, read_metadata
+from mmfm.train.released import import_released_checkpoint
 
 C, N = 6, 16
 

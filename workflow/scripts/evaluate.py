@@ -19,8 +19,8 @@ sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
 from mmfm import io  # noqa: E402
 from mmfm.config import job_device  # noqa: E402
+from mmfm.models.velocity import read_metadata  # noqa: E402
 from mmfm.train.evaluate import FD_COLUMNS  # noqa: E402
-from mmfm.train.released import read_metadata  # noqa: E402
 
 sm = snakemake  # noqa: F821
 ev, enc = sm.params.eval, sm.params.encoder

@@ -106,7 +106,7 @@ def read_fd(path) -> list[dict]:
 def nfe_curve(model_path, shards, out_csv, *, source="gaussian", nfes=(1, 2, 4, 8, 16, 32), n: int = 512,
               seed: int = 0, shift: float = 1.0, rows: int = 4096, device="cpu") -> list[dict]:
     """The Fréchet distance of an exported model's samples at each number of Euler steps."""
-    from mmfm.train.released import load_velocity_model, read_metadata
+    from mmfm.models.velocity import load_velocity_model, read_metadata
 
     meta = read_metadata(model_path)
     velocity = load_velocity_model(model_path, device)

@@ -53,6 +53,7 @@ from mmfm.flow.loss import velocity_loss
 from mmfm.flow.path import LinearPath
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler
+from mmfm.models.velocity import build_velocity_network
 from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
 from mmfm.train.config import TrainConfig
@@ -101,29 +102,13 @@ def derived_seed(seed: int, *tags: int) -> int:
     return int(state >> np.uint64(1))
 
 
-class TokenMLP(nn.Module):
-    """:class:`~mmfm.models.mlp.VelocityMLP` on flattened tokens: ``(B, N, D) -> (B, N, D)``."""
-
-    def __init__(self, num_tokens: int, token_dim: int, **kw):
-        super().__init__()
-        from mmfm.models.mlp import VelocityMLP
-
-        self.shape = (num_tokens, token_dim)
-        self.net = VelocityMLP(num_tokens * token_dim, **kw)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(x.reshape(x.shape[0], -1), t).reshape(x.shape[0], *self.shape)
-
-
 def build_model(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int) -> nn.Module:
-    """The velocity network of ``cfg.model``: a DiTDH preset over ``(B, N, D)`` tokens or a :class:`TokenMLP`.
-    ``num_labels``: rows of the label table (classes or modes; 0 when unconditional)."""
-    if cfg.model == "mlp":
-        return TokenMLP(num_tokens, token_dim, **cfg.model_overrides)
-    from mmfm.models.ditdh import build_ditdh
-
-    return build_ditdh(cfg.model, in_channels=token_dim, num_tokens=num_tokens, conditioning=cfg.conditioning,
-                       num_classes=num_labels, class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides)
+    """The velocity network of ``cfg.model``: a DiTDH preset over ``(B, N, D)`` tokens or the token MLP
+    (:func:`mmfm.models.velocity.build_velocity_network`). ``num_labels``: rows of the label table (classes
+    or modes; 0 when unconditional)."""
+    return build_velocity_network(cfg.model, in_channels=token_dim, num_tokens=num_tokens,
+                                  conditioning=cfg.conditioning, num_classes=num_labels,
+                                  class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides)
 
 
 def build_source(cfg: TrainConfig, event_shape: tuple[int, int], device) -> GaussianSource | GaussianMixtureSource:
@@ -153,7 +138,7 @@ def build_coupling(cfg: TrainConfig, source, device):
 
 
 def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int, step: int) -> dict:
-    """Metadata of ``ema.safetensors``, readable by :func:`mmfm.train.released.load_velocity_model`."""
+    """Metadata of ``ema.safetensors``, readable by :func:`mmfm.models.velocity.load_velocity_model`."""
     return {"kind": "mmfm-velocity", "preset": cfg.model, "in_channels": token_dim, "num_tokens": num_tokens,
             "patch_size": int(cfg.model_overrides.get("patch_size", 1)), "conditioning": cfg.conditioning,
             "num_classes": num_labels, "class_dropout_prob": cfg.class_dropout_prob,

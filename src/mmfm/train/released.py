@@ -1,4 +1,4 @@
-"""Import a released RAE / MM-FM DiTDH checkpoint into our format, and load it as a velocity field.
+"""Import a released RAE / MM-FM DiTDH checkpoint into our format (loaded by :mod:`mmfm.models.velocity`).
 
 A released stage-2 checkpoint (method.md §2.8) is a ``torch.save`` dict — RAE: ``{step, epoch, model, ema,
 optimizer, scheduler}``; MM-FM: ``{model, ema, opt, scheduler, train_steps, epoch, config_path, training_cfg,
@@ -10,11 +10,11 @@ velocity ``x0 - x1``).
 code: any other global the file names, e.g. a config object, is read as an inert placeholder), takes the
 ``ema`` entry, strips the ``module.`` (DDP) / ``_orig_mod.`` (``torch.compile``) prefixes, infers the
 architecture from the tensor shapes, loads it strictly into :func:`mmfm.models.build_ditdh` and writes the
-weights as float32 ``.safetensors`` plus a JSON sidecar. :func:`load_velocity_model` rebuilds the network from
-that pair and returns it in the paper's convention (``t = 0`` source, ``t = 1`` data, ``x_t = (1 - t) x0 +
-t x1``, target ``x1 - x0``) through the one adapter :class:`mmfm.flow.RAEConvention`. DiTDH already works on
-tokens ``(B, N, C)``; the release's ``(B, C, H, W)`` layout only shows in the 1x1-conv patch-embedding
-weights, which load unchanged, so no layout adapter is needed.
+weights as float32 ``.safetensors`` plus a JSON sidecar. :func:`mmfm.models.velocity.load_velocity_model`
+rebuilds the network from that pair and returns it in the paper's convention (``t = 0`` source, ``t = 1``
+data, ``x_t = (1 - t) x0 + t x1``, target ``x1 - x0``) through the one adapter :class:`mmfm.flow.RAEConvention`.
+DiTDH already works on tokens ``(B, N, C)``; the release's ``(B, C, H, W)`` layout only shows in the 1x1-conv
+patch-embedding weights, which load unchanged, so no layout adapter is needed.
 
 What the shapes tell (``D_e`` encoder width, ``D_d`` head width, ``p`` patch, ``C`` latent channels):
 
@@ -35,19 +35,16 @@ Anything else is a ``ValueError`` asking for ``conditioning=``.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
 from mmfm import io
-from mmfm.flow.path import RAEConvention
-from mmfm.models.ditdh import CONDITIONINGS, PRESETS, DiTDH, build_ditdh, count_parameters
+from mmfm.models.ditdh import CONDITIONINGS, PRESETS, count_parameters
+from mmfm.models.velocity import check_state_dict, describe_network, network_from_metadata
 
 #: ``kind`` recorded in the sidecar of an imported velocity network.
 KIND = "velocity-ditdh"
@@ -359,30 +356,6 @@ def _resolve_conditioning(rows: int, conditioning: str | None, num_classes: int 
     return dict(conditioning=conditioning, num_classes=k, class_dropout_prob=drop, conditioning_from=source)
 
 
-def _check_against(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
-    """Strict-load precheck with a message naming the first missing / unexpected / mis-shaped keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
-             if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(lst)} {name}, first {lst[:3]}" for name, lst in
-                 (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if lst]
-        raise ValueError(f"{path}: does not load strictly into {what}: " + "; ".join(parts))
-
-
-def _build(meta: dict, **kw) -> DiTDH:
-    return build_ditdh(meta["preset"], in_channels=meta["in_channels"], num_tokens=meta["num_tokens"],
-                       patch_size=meta["patch_size"], conditioning=meta["conditioning"],
-                       num_classes=meta["num_classes"], class_dropout_prob=meta["class_dropout_prob"], **kw)
-
-
-def _describe(meta: dict) -> str:
-    return (f"{meta['preset']} (in_channels {meta['in_channels']}, num_tokens {meta['num_tokens']}, "
-            f"conditioning {meta['conditioning']!r}, num_classes {meta['num_classes']})")
-
-
 # ------------------------------------------------------------------------------------------------ public API
 
 
@@ -439,10 +412,10 @@ def import_released_checkpoint(path: str | os.PathLike, out: str | os.PathLike, 
     }
     try:
         with torch.device("meta"):
-            model = _build(meta)
+            model = network_from_metadata(meta)
     except ValueError as exc:
-        raise ValueError(f"{path}: the inferred {_describe(meta)} cannot be built: {exc}") from None
-    _check_against(model, state, path, _describe(meta))
+        raise ValueError(f"{path}: the inferred {describe_network(meta)} cannot be built: {exc}") from None
+    check_state_dict(model, state, path, describe_network(meta))
     bad = [k for k, v in state.items() if not v.is_floating_point()]
     if bad:
         raise ValueError(f"{path}: expected floating-point weights, got {state[bad[0]].dtype} for {bad[:3]}")
@@ -473,56 +446,4 @@ def import_released_checkpoint(path: str | os.PathLike, out: str | os.PathLike, 
     return meta
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The metadata of an imported network: the one stored in the ``.safetensors`` header, else its sidecar."""
-    path = Path(path)
-    _, meta, _ = io.read_header(path)
-    if not meta and io.sidecar_path(path).is_file():
-        meta = json.loads(io.sidecar_path(path).read_text())
-    required = ("preset", "in_channels", "num_tokens", "conditioning", "num_classes", "time_convention")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise ValueError(f"{path}: not an imported DiTDH velocity network (metadata lacks {missing}); create one "
-                         "with import_released_checkpoint / `mmfm import-checkpoint`")
-    return meta
-
-
-def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The network of an imported checkpoint as a velocity field in the paper's convention.
-
-    ``v(x, t, y=None)``: ``x`` ``(B, N, C)`` tokens, ``t`` ``(B,)`` with ``t = 0`` the source and ``t = 1``
-    data, ``y`` ``(B,)`` class / mode labels for a conditional network; returns ``(B, N, C)`` approximating
-    ``x1 - x0``. A network recorded with ``time_convention: "rae"`` is wrapped once in
-    :class:`mmfm.flow.RAEConvention` (``v = -net(x, 1 - t)``); one recorded as ``"paper"`` is returned as is.
-    DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with gradients off;
-    the DiTDH itself is ``.net`` of the wrapper. Exports of ``mmfm train`` may also hold the token MLP
-    (``preset: "mlp"``) and ``model_overrides`` of the preset; both are rebuilt from the metadata.
-    """
-    path = Path(path)
-    meta = read_metadata(path)
-    convention = meta["time_convention"]
-    if convention not in ("rae", "paper"):
-        raise ValueError(f"{path}: unknown time_convention {convention!r}; expected 'rae' or 'paper'")
-    meta = {"patch_size": 1, "class_dropout_prob": 0.0, **meta}
-    overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size"}
-    try:
-        with torch.device("meta"):
-            if meta.get("preset") == "mlp":  # mmfm train's token MLP (unconditional)
-                from mmfm.train.loop import TokenMLP
-
-                net = TokenMLP(meta["num_tokens"], meta["in_channels"], **overrides)
-            else:
-                net = _build(meta, **overrides)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: its metadata does not describe a velocity network: {exc}") from None
-    arrays, _ = io.open_tensors(path)
-    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    _check_against(net, state, path, _describe(meta))
-    net.load_state_dict(state, strict=True, assign=True)
-    net = net.to(device).eval().requires_grad_(False)
-    model = RAEConvention(net) if convention == "rae" else net
-    return model.eval()
-
-
-__all__ = ["KIND", "WRAPPER_PREFIXES", "import_released_checkpoint", "infer_architecture", "load_velocity_model",
-           "read_metadata"]
+__all__ = ["KIND", "WRAPPER_PREFIXES", "import_released_checkpoint", "infer_architecture"]

@@ -1,0 +1,126 @@
+"""Exported velocity networks: build one from its metadata and load it as a velocity field.
+
+A velocity network is saved as float32 ``.safetensors`` whose metadata (in the header, else a ``.json``
+sidecar) names the architecture: ``preset`` (a DiTDH preset of :data:`mmfm.models.PRESETS`, or ``"mlp"``
+for :class:`TokenMLP`), ``in_channels``, ``num_tokens``, ``patch_size``, ``conditioning``, ``num_classes``,
+``class_dropout_prob``, ``model_overrides`` and ``time_convention``. ``mmfm train`` exports its EMA this
+way (``ema.safetensors``, :func:`mmfm.train.loop.export_meta`, the paper's convention) and
+:func:`mmfm.train.released.import_released_checkpoint` a released RAE / MM-FM network (RAE's convention).
+:func:`load_velocity_model` rebuilds either and returns it in the paper's convention.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmfm import io
+from mmfm.flow.path import RAEConvention
+from mmfm.models.ditdh import build_ditdh
+from mmfm.models.mlp import VelocityMLP
+
+
+class TokenMLP(nn.Module):
+    """:class:`~mmfm.models.mlp.VelocityMLP` on flattened tokens: ``(B, N, D) -> (B, N, D)``."""
+
+    def __init__(self, num_tokens: int, token_dim: int, **kw):
+        super().__init__()
+        self.shape = (num_tokens, token_dim)
+        self.net = VelocityMLP(num_tokens * token_dim, **kw)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(x.reshape(x.shape[0], -1), t).reshape(x.shape[0], *self.shape)
+
+
+def build_velocity_network(preset: str, *, in_channels: int, num_tokens: int, conditioning: str = "none",
+                           num_classes: int = 0, class_dropout_prob: float = 0.0, **overrides) -> nn.Module:
+    """An untrained velocity network over ``(B, N, C)`` tokens: a :class:`TokenMLP` for ``preset="mlp"``
+    (unconditional), else :func:`mmfm.models.build_ditdh`. ``overrides``: keyword arguments of the preset."""
+    if preset == "mlp":
+        if conditioning != "none":
+            raise ValueError("conditioning: the 'mlp' velocity is unconditional; use a DiTDH preset for conditioning")
+        return TokenMLP(num_tokens, in_channels, **overrides)
+    return build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
+                       num_classes=num_classes, class_dropout_prob=class_dropout_prob, **overrides)
+
+
+def network_from_metadata(meta: dict) -> nn.Module:
+    """The untrained network the metadata of an export describes (``patch_size`` [1], ``class_dropout_prob``
+    [0.0] and ``model_overrides`` [{}] may be left out)."""
+    overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size"}
+    if meta["preset"] != "mlp":
+        overrides["patch_size"] = meta.get("patch_size", 1)
+    return build_velocity_network(meta["preset"], in_channels=meta["in_channels"], num_tokens=meta["num_tokens"],
+                                  conditioning=meta["conditioning"], num_classes=meta["num_classes"],
+                                  class_dropout_prob=meta.get("class_dropout_prob", 0.0), **overrides)
+
+
+def describe_network(meta: dict) -> str:
+    """``preset (in_channels, num_tokens, conditioning, num_classes)`` of the metadata, for messages."""
+    return (f"{meta['preset']} (in_channels {meta['in_channels']}, num_tokens {meta['num_tokens']}, "
+            f"conditioning {meta['conditioning']!r}, num_classes {meta['num_classes']})")
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
+    """Strict-load precheck with a message naming the first missing / unexpected / mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(lst)} {name}, first {lst[:3]}" for name, lst in
+                 (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if lst]
+        raise ValueError(f"{path}: does not load strictly into {what}: " + "; ".join(parts))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of an exported network: the one stored in the ``.safetensors`` header, else its sidecar."""
+    path = Path(path)
+    _, meta, _ = io.read_header(path)
+    if not meta and io.sidecar_path(path).is_file():
+        meta = json.loads(io.sidecar_path(path).read_text())
+    required = ("preset", "in_channels", "num_tokens", "conditioning", "num_classes", "time_convention")
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: not an imported DiTDH velocity network (metadata lacks {missing}); create one "
+                         "with import_released_checkpoint / `mmfm import-checkpoint`")
+    return meta
+
+
+def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The network of an export as a velocity field in the paper's convention.
+
+    ``v(x, t, y=None)``: ``x`` ``(B, N, C)`` tokens, ``t`` ``(B,)`` with ``t = 0`` the source and ``t = 1``
+    data, ``y`` ``(B,)`` class / mode labels for a conditional network; returns ``(B, N, C)`` approximating
+    ``x1 - x0``. A network recorded with ``time_convention: "rae"`` (an imported release) is wrapped once in
+    :class:`mmfm.flow.RAEConvention` (``v = -net(x, 1 - t)``); one recorded as ``"paper"`` (``mmfm train``)
+    is returned as is. DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with
+    gradients off; the network itself is ``.net`` of the wrapper.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    convention = meta["time_convention"]
+    if convention not in ("rae", "paper"):
+        raise ValueError(f"{path}: unknown time_convention {convention!r}; expected 'rae' or 'paper'")
+    try:
+        with torch.device("meta"):
+            net = network_from_metadata(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its metadata does not describe a velocity network: {exc}") from None
+    arrays, _ = io.open_tensors(path)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    check_state_dict(net, state, path, describe_network(meta))
+    net.load_state_dict(state, strict=True, assign=True)
+    net = net.to(device).eval().requires_grad_(False)
+    model = RAEConvention(net) if convention == "rae" else net
+    return model.eval()
+
+
+__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_velocity_model",
+           "network_from_metadata", "read_metadata"]
