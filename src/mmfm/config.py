@@ -98,6 +98,21 @@ def any_gmm(config: dict) -> bool:
     return any(uses_gmm(config, r) for r in run_names(config))
 
 
+def shard_groups(num_shards: int, groups: int | None = None) -> list[range]:
+    """The shards of each spatial-statistics map job: ``groups`` contiguous ranges of ``range(num_shards)``,
+    sizes differing by at most one (``None``: one group per shard)."""
+    groups = num_shards if groups is None else groups
+    if not 1 <= groups <= num_shards:
+        raise ConfigError(f"spatial.groups: {groups} map jobs over shards.num_shards = {num_shards} shards; each "
+                          f"group needs a shard (at most {num_shards}, or null for one per shard)")
+    return [range(g * num_shards // groups, (g + 1) * num_shards // groups) for g in range(groups)]
+
+
+def spatial_groups(config: dict) -> list[range]:
+    """:func:`shard_groups` of the config (``shards.num_shards``, ``spatial.groups``)."""
+    return shard_groups(config["shards"]["num_shards"], (config.get("spatial") or {}).get("groups"))
+
+
 def sample_settings(config: dict, run: str) -> dict[str, Any]:
     """The effective sampling settings of ``run``: the shared ``sample`` section with the run's own over it."""
     out = copy.deepcopy(dict(config.get("sample") or {}))
@@ -328,6 +343,8 @@ def check(config: dict, root: str | Path = ".") -> None:
     if config["data"]["source"] == "digits" and config["data"].get("images"):
         raise ConfigError("data.images: the digits demo writes its own images to results/digits; set "
                           "data.source: folder to read an image folder")
+    # spatial statistics
+    spatial_groups(config)
     # evaluation
     ev = config["eval"]
     if ev.get("final_nfe") is not None and ev["final_nfe"] not in ev["nfe"]:

@@ -101,6 +101,11 @@ class TensorFile:
         self._maps: dict[str, np.memmap] = {}
         self._done = False
 
+    @property
+    def nbytes(self) -> int:
+        """The size of the file: the 8-byte length, the JSON header padded to 8 bytes, and the data."""
+        return self._start + self._size
+
     def __enter__(self) -> "TensorFile":
         self._tmp = self._cm.__enter__()
         with open(self._tmp, "wb") as f:

@@ -8,7 +8,8 @@ from mmfm import io
 from mmfm.data import shards
 from mmfm.gmm import files
 from mmfm.gmm.em import DiagonalGMM
-from mmfm.gmm.spatial import spatial_reduce, spatial_stats
+from mmfm.config import shard_groups
+from mmfm.gmm.spatial import METADATA_ALLOWANCE, partial_bytes, spatial_reduce, spatial_stats
 
 H, W, D, DC, K = 2, 3, 4, 5, 9
 
@@ -101,6 +102,67 @@ def test_any_split_and_order(setup):
         assert np.array_equal(rev[key], three[key])
 
 
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_partial_bytes_is_the_file_size(setup, flip, cov):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    groupings = [[[p] for p in paths], [paths], [[paths[0], paths[1]], [paths[2]]],
+                 [[paths[i] for i in r] for r in shard_groups(len(paths), 2)]]
+    for j, groups in enumerate(groupings):
+        for i, g in enumerate(groups):
+            out = tmp / f"size-{flip}-{cov}-{j}-{i}.safetensors"
+            meta = spatial_stats(g, gmm_path, out, flip=flip, covariance=cov, rows=7)
+            size = out.stat().st_size
+            _, on_disk, _ = io.read_header(out)
+            m = meta["modes_touched"]
+            assert partial_bytes(m, H * W, D, cov, k=K, meta=on_disk) == size
+            assert partial_bytes(m, H * W, D, cov, k=K, meta=meta) == size
+            bound = partial_bytes(m, H * W, D, cov, k=K)  # no metadata given: an allowance for it
+            assert size < bound <= size + METADATA_ALLOWANCE + 8
+            data = 8 * (2 * m + K) + 8 * m * H * W * D * (2 if cov == "diag" else 1) + (0 if cov == "diag" else 8 * m)
+            assert 0 < size - data < 4096  # the header
+
+
+def test_groups_order_and_double_counting(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    a, b = tmp / "ga.safetensors", tmp / "gb.safetensors"
+    spatial_stats([paths[2], paths[0], paths[1]], gmm_path, a, flip=True, covariance="diag", rows=7)
+    spatial_stats(tmp, gmm_path, b, flip=True, covariance="diag", rows=7)  # the folder: sorted by name
+    assert a.read_bytes() == b.read_bytes()  # the order a group's shards are given in changes no bit
+    groups = [[paths[i] for i in r] for r in shard_groups(len(paths), 2)]
+    fwd, _ = run(tmp, groups, gmm_path, cov="diag", tag="g2")
+    rev, side = run(tmp, groups, gmm_path, cov="diag", order=[1, 0], tag="g2rev")
+    for key in fwd:
+        assert np.array_equal(rev[key], fwd[key])
+    assert side["partials"] == ["g2rev-part0.safetensors", "g2rev-part1.safetensors"]
+    assert side["shards"] == [p.name for p in paths]
+    one, _ = run(tmp, [[p] for p in paths], gmm_path, cov="diag", tag="g1")
+    np.testing.assert_allclose(fwd["means"], one["means"], rtol=1e-6)
+    np.testing.assert_allclose(fwd["variances"], one["variances"], rtol=1e-5)
+    assert np.array_equal(fwd["counts"], one["counts"])
+    c = tmp / "gc.safetensors"
+    spatial_stats([paths[0], paths[1]], gmm_path, c, flip=False, covariance="diag", rows=7)
+    with pytest.raises(ValueError, match="shard shard-001.parquet was already counted in .*g2-part1"):
+        spatial_reduce([tmp / "g2-part1.safetensors", c], tmp / "out.safetensors")  # groups (0), (1, 2)
+    assert not (tmp / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_accumulator_blocks_change_no_bit(setup, monkeypatch, flip, cov):
+    from mmfm.gmm import spatial
+
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    files_ = []
+    for modes_per_block in (None, 2, 1):  # one block; blocks of 2 modes; of 1
+        if modes_per_block:
+            monkeypatch.setattr(spatial, "_BLOCK_BYTES", 8 * H * W * D * modes_per_block)
+        out = tmp / f"blocks-{modes_per_block}.safetensors"
+        spatial_stats(paths, gmm_path, out, flip=flip, covariance=cov, rows=7)
+        files_.append(out.read_bytes())
+    assert files_[1] == files_[0] and files_[2] == files_[0]
+
+
 def test_partials_are_exact_float64_sums(setup):
     tmp, paths, cls, tok, sk, gmm_path = setup
     out = tmp / "p.safetensors"
@@ -166,6 +228,9 @@ def test_stats_refuses_bad_shards(setup, tmp_path_factory):
     tmp, paths, cls, tok, sk, gmm_path = setup
     other = tmp_path_factory.mktemp("g")
     (p,), _, _ = write_shards(other, n_rows=(5,), grid=(3, 2))
+    with pytest.raises(ValueError, match="shard-000.parquet is already in this group"):
+        spatial_stats([paths[0], p], gmm_path, tmp / "x.safetensors")  # partials tell shards apart by name
+    p = p.rename(other / "odd.parquet")
     with pytest.raises(ValueError, match="shard layout differs"):
         spatial_stats([paths[0], p], gmm_path, tmp / "x.safetensors")
     wide = tmp_path_factory.mktemp("w") / "wide.parquet"

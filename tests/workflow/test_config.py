@@ -56,6 +56,7 @@ def test_schema_train_keys_are_train_config_fields():
     (lambda c: c["gmm"].update(kk=3), "gmm: unknown key(s) ['kk']"),
     (lambda c: c.update(extra={}), "config: unknown key(s) ['extra']"),
     (lambda c: c["gmm"].update(k=0), "gmm.k: 0 is less than the minimum of 1"),
+    (lambda c: c["spatial"].update(groups=0), "spatial.groups: 0 is less than the minimum of 1"),
     (lambda c: c["train"].update(lr="fast"), "train.lr: 'fast' is not of type 'number'"),
     (lambda c: c["runs"]["gmm-mode"].update(coupling="mode"), "runs.gmm-mode.coupling:"),
     (lambda c: c["runs"]["gmm-mode"]["train"].update(lrr=1) if "train" in c["runs"]["gmm-mode"]
@@ -81,6 +82,7 @@ def test_schema_errors_name_the_key(edit, expected):
     (lambda c: c["runs"]["gauss-indep"].update(conditioning="mode"), "runs.gauss-indep: conditioning: 'mode' needs"),
     (lambda c: c["train"].update(model="ditdh-huge"), "runs.gauss-indep.train: model: expected one of"),
     (lambda c: c["eval"].update(final_nfe=3), "eval.final_nfe: 3 is not one of eval.nfe"),
+    (lambda c: c["spatial"].update(groups=3), "spatial.groups: 3 map jobs over shards.num_shards = 2 shards"),
     (lambda c: c["encoder"].update(patch_size=3), "encoder.patch_size: 3 does not divide"),
     (lambda c: c["encoder"].update(name="dinov2", patch_size=None, pool=None), "decoder.path: the dinov2 tokenizer"),
     (lambda c: c["data"].update(source="folder", images="no/such/folder"), "data.images: no/such/folder does not exist"),
@@ -138,3 +140,14 @@ def test_presets_validate_and_point_at_artifacts(preset, tmp_path):
     assert all(p.exists() for p in made)
     mc.check(cfg, tmp_path)
     assert cfg["gmm"]["k"] == 8192 and cfg["train"]["global_batch"] == 1024 and cfg["eval"]["metric"] == "fid"
+
+
+def test_shard_groups():
+    assert mc.shard_groups(4) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
+    assert mc.shard_groups(256, 8) == [range(32 * g, 32 * (g + 1)) for g in range(8)]
+    assert [len(r) for r in mc.shard_groups(10, 3)] == [3, 3, 4]
+    assert [i for r in mc.shard_groups(10, 3) for i in r] == list(range(10))  # contiguous, each shard once
+    assert mc.shard_groups(5, 1) == [range(5)]
+    for bad in (0, 6):
+        with pytest.raises(mc.ConfigError, match=f"spatial.groups: {bad} map jobs over shards.num_shards = 5"):
+            mc.shard_groups(5, bad)

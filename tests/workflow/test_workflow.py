@@ -135,6 +135,14 @@ def test_failed_job_leaves_no_complete_output(demo, tmp_path):
     assert ("train", {"run": "gmm-mode"}) in jobs
 
 
+def test_spatial_groups_set_the_map_jobs(tmp_path):
+    """spatial.groups: 1 -> one spatial_stats job over both shards of the demo (default: one per shard)."""
+    text = smk(tmp_path, "-n", "--cores", "1", "--config", "spatial={groups: 1}").stdout
+    blocks = re.findall(r"^rule spatial_stats:\n(.*?)(?:\n\n|\Z)", text, re.S | re.M)
+    assert len(blocks) == 1 and "wildcards: group=0000" in blocks[0], text[-3000:]
+    assert "input: results/shards/shard-0000.parquet, results/shards/shard-0001.parquet" in blocks[0]
+
+
 # (every message is tested in-process in test_config.py; these check that the Snakefile stops on them)
 @pytest.mark.parametrize("override, message", [
     ("gmm={k: 0}", "gmm.k: 0 is less than the minimum of 1"),
@@ -166,7 +174,8 @@ def test_preset_lists_the_full_dag(preset, tmp_path):
     rules = Counter(r for r, _ in planned(tmp_path, "--configfile", str(preset)))
     shards, runs = cfg["shards"]["num_shards"], cfg["runs"]
     evaluated = [r for r in runs if runs[r].get("evaluate", True)]
-    assert rules == Counter({"encode": shards, "fit_cls_gmm": 1, "spatial_stats": shards, "spatial_gmm": 1,
+    groups = cfg["spatial"].get("groups") or shards  # one spatial_stats job per group of shards
+    assert rules == Counter({"encode": shards, "fit_cls_gmm": 1, "spatial_stats": groups, "spatial_gmm": 1,
                              "train": len(runs), "sample": len(evaluated) * len(cfg["eval"]["nfe"]),
                              "evaluate": len(evaluated), "toy_r10": 1, "report": 1, "all": 1})
 

@@ -2,7 +2,7 @@
 #   results/digits/                      the demo's image folder
 #   results/shards/shard-XXXX.parquet    latent shards
 #   results/gmm/cls.safetensors          CLS GMM (+ .json, _weights.png)
-#   results/gmm/partials/shard-XXXX.safetensors, results/gmm/spatial.safetensors
+#   results/gmm/partials/group-XXXX.safetensors, results/gmm/spatial.safetensors
 #   results/runs/{run}/                  checkpoints, metrics.csv, fd.csv, ema.safetensors
 #   results/samples/{run}/nfe-{nfe}.npz  (+ .png grid)
 #   results/eval/{run}/nfe_curve.csv, final.json
@@ -23,6 +23,24 @@ def shard_ids():
 
 def shard_files():
     return expand(f"{RESULTS}/shards/shard-{{shard}}.parquet", shard=shard_ids())
+
+
+def spatial_groups():
+    """The shards of each spatial_stats job: spatial.groups contiguous ranges (null: one per shard)."""
+    return mc.spatial_groups(config)
+
+
+def group_ids():
+    return [f"{i:04d}" for i in range(len(spatial_groups()))]
+
+
+def group_shard_files(wildcards):
+    """The shard files of the spatial_stats job `wildcards.group`."""
+    return [f"{RESULTS}/shards/shard-{i:04d}.parquet" for i in spatial_groups()[int(wildcards.group)]]
+
+
+def spatial_partials():
+    return expand(f"{RESULTS}/gmm/partials/group-{{group}}.safetensors", group=group_ids())
 
 
 def image_folder():

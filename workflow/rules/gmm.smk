@@ -1,7 +1,9 @@
 # Stage 2: the Gaussian-mixture source (method.md §3.2-3.3).
 #   fit_cls_gmm:   a diagonal K-mode GMM on the CLS descriptors of all shards (EM on numpy, or CuPy/cuML on GPU)
-#   spatial_stats: per shard, each row's hard CLS mode and float64 per-mode sums of its token grid (map)
-#   spatial_gmm:   the sums of all shards -> per-mode means (K, N, D) and variances (reduce)
+#   spatial_stats: per group of shards (spatial.groups contiguous ranges; default one per shard), each row's
+#                  hard CLS mode and float64 per-mode sums of its token grid (map); one partial per group,
+#                  ~8 K N D bytes once a group touches every mode (mmfm.gmm.spatial.partial_bytes)
+#   spatial_gmm:   the partials of all groups -> per-mode means (K, N, D) and variances (reduce)
 
 
 rule fit_cls_gmm:
@@ -34,16 +36,18 @@ rule fit_cls_gmm:
 
 rule spatial_stats:
     input:
-        shard=f"{RESULTS}/shards/shard-{{shard}}.parquet",
+        shards=group_shard_files,
         cls_gmm=CLS_GMM,
     output:
-        f"{RESULTS}/gmm/partials/shard-{{shard}}.safetensors",
+        f"{RESULTS}/gmm/partials/group-{{group}}.safetensors",
+    wildcard_constraints:
+        group=r"\d{4}",
     params:
         spatial=config["spatial"],
     log:
-        f"{LOGS}/spatial_stats/shard-{{shard}}.log",
+        f"{LOGS}/spatial_stats/group-{{group}}.log",
     benchmark:
-        f"{BENCH}/spatial_stats/shard-{{shard}}.tsv"
+        f"{BENCH}/spatial_stats/group-{{group}}.tsv"
     threads: res("spatial_stats", "threads")
     resources:
         gpu=res("spatial_stats", "gpu"),
@@ -57,7 +61,7 @@ rule spatial_stats:
 
 rule spatial_gmm:
     input:
-        partials=expand(f"{RESULTS}/gmm/partials/shard-{{shard}}.safetensors", shard=shard_ids()),
+        partials=spatial_partials(),
     output:
         gmm=SPATIAL_GMM,
         sidecar=f"{RESULTS}/gmm/spatial.json",

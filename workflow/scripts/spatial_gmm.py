@@ -1,4 +1,4 @@
-"""spatial_gmm: the partial sums of all shards -> the spatial GMM (mmfm.gmm.spatial.spatial_reduce, the reduce)."""
+"""spatial_gmm: the partials of all shard groups -> the spatial GMM (mmfm.gmm.spatial.spatial_reduce, the reduce)."""
 
 import sys
 

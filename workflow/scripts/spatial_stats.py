@@ -1,4 +1,4 @@
-"""spatial_stats: per-mode float64 sums of one shard's token grids (mmfm.gmm.spatial.spatial_stats, the map)."""
+"""spatial_stats: per-mode float64 sums of a group of shards' token grids (mmfm.gmm.spatial.spatial_stats, the map)."""
 
 import sys
 
@@ -9,5 +9,5 @@ from mmfm.gmm.spatial import spatial_stats  # noqa: E402
 
 sm = snakemake  # noqa: F821
 s = sm.params.spatial
-print(spatial_stats(sm.input.shard, sm.input.cls_gmm, sm.output[0], flip=s["flip"], covariance=s["covariance"],
-                    rows=s["rows"], device=job_device(sm), progress=True))
+print(spatial_stats(list(sm.input.shards), sm.input.cls_gmm, sm.output[0], flip=s["flip"],
+                    covariance=s["covariance"], rows=s["rows"], device=job_device(sm), progress=True))

@@ -1,31 +1,57 @@
-"""Per-mode spatial statistics as map-reduce (method.md §3.3, with its 2 TB of temporary files gone).
+"""Per-mode spatial statistics as map-reduce (method.md §3.3).
 
-**Map** (:func:`spatial_stats`, one job per shard or group of shards): every row's mode is the hard
-CLS assignment ``k_i = argmax_k p(k | cls_i)``; the row's token grid ``x_i`` (``N x D``) is added to
-float64 sums of the modes the shards touch::
+**Map** (:func:`spatial_stats`, one job per *group* of shards): ``spatial.groups`` contiguous ranges
+of the shards (:func:`mmfm.config.shard_groups`; the default, one group per shard, is one job per shard). Every
+row's mode is the hard CLS assignment ``k_i = argmax_k p(k | cls_i)``; the row's token grid ``x_i``
+(``N x D``) is added to float64 sums of the modes its group touches::
 
     n_k = #{i : k_i = k},   S_k = sum_{i: k_i = k} x_i  (N, D),   Q_k = sum ||x_i||^2  or  sum x_i^2 (N, D)
 
-With ``flip``, each row also contributes its latent grid mirrored along the width (the released
-``_flip``: the latent is flipped, the image is not re-encoded); ``x_i + flip(x_i)`` is formed first,
-which is exactly mirror-symmetric, so every mean is too. A partial file stores only touched modes:
-``modes (M)``, ``counts (M)``, ``sum (M, N, D)``, ``sumsq (M)`` or ``(M, N, D)``, plus the CLS weights.
+A group's shards are read in the order of their names and rows in file order, so a partial does not
+depend on the order its shards are given in; shard names must be distinct (the reduce tells shards
+apart by name). With ``flip``, each row also contributes its latent grid mirrored along the width
+(the released ``_flip``: the latent is flipped, the image is not re-encoded); ``x_i + flip(x_i)`` is
+formed first, which is exactly mirror-symmetric, so every mean is too. A partial file stores only
+touched modes: ``modes (M)``, ``counts (M)``, ``sum (M, N, D)``, ``sumsq (M)`` or ``(M, N, D)``, plus
+the CLS weights ``(K)``, all 8-byte (float64 / int64).
+
+**Size of a partial** (:func:`partial_bytes`), ``M`` modes touched, ``[diag]`` = 1 for diagonal
+covariances, else 0::
+
+    bytes = 8 + H + 8 (2 M + K) + 8 M N D (1 + [diag]) + 8 M (1 - [diag])
+
+``H`` is the safetensors JSON header padded to 8 bytes: the tensor table (~0.4 kB) and the metadata
+(~0.4 kB plus ~24 bytes per shard name). A group of many shards touches nearly every mode (``M ~ K``),
+so the partials of G groups total ``~ G * 8 K N D (1 + [diag])`` bytes: that, not the number of
+shards, is what the temporary files cost. The ImageNet presets (K = 8192, 16 x 16 x 768 tokens,
+spherical, G = 8 groups of 32 shards) write 8 x 12.89 GB = 103 GB; one partial per shard (256 shards
+of ~10k rows, ~5.8k modes each) would be 2.3 TB.
+
+**Memory of a map job** (:func:`map_memory_bytes`): one partial's accumulators, ``8 M N D (1 + [diag])``
+bytes, held in blocks of modes that are written out and freed one by one (the file never doubles
+them), plus a batch of ``rows`` token grids (3 float64 copies, 4 with ``flip``, 5 with ``flip`` and
+``diag``) and ~1 GB of interpreter and CLS mixture: 15.2 GB for the presets above (set their
+``resources.spatial_stats.mem_mb`` from it). The estimate is within 3% of the peak RSS measured.
 
 **Reduce** (:func:`spatial_reduce`): partials are summed in a canonical order (sorted by the shards
-they cover, so the command-line order does not change a bit), in blocks of modes so memory is
+they cover, so the order they are given in does not change a bit), in blocks of modes so memory is
 bounded by the block accumulators, straight into the memory-mapped output::
 
     mu_k = S_k / n_k,   sigma_k^2 = (Q_k / n_k - ||mu_k||^2) / (N D)   (spherical, population, as released)
                         sigma_k^2 = Q_k / n_k - mu_k^2                  (diag)
 
-Modes no row was assigned to get the global mean and variance and are counted in the metadata;
-variances are floored at ``min_variance`` (a mode holding one unflipped row has none), also counted. The
-weights are the CLS mixture's EM weights (as released) or the empirical counts.
-Accumulation runs on the CPU in float64 (deterministic order); only the CLS assignment may use a GPU.
+A shard counted in two partials is refused. Modes no row was assigned to get the global mean and
+variance and are counted in the metadata; variances are floored at ``min_variance`` (a mode holding
+one unflipped row has none), also counted. The weights are the CLS mixture's EM weights (as released)
+or the empirical counts. Accumulation runs on the CPU in float64 (deterministic order); only the CLS
+assignment may use a GPU. Different groupings of the same shards agree to float64 rounding, not bit
+for bit (the sums associate differently).
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +66,48 @@ PARTIAL_KIND = "spatial-partial"
 COVARIANCES = ("spherical", "diag")
 # partials must agree on these to be summed
 _MUST_MATCH = ("encoder", "revision", "k", "grid", "token_dim", "flip", "covariance", "cls_gmm")
+#: Bytes :func:`partial_bytes` allows for the metadata when it is not given (a group of ~300 shards).
+METADATA_ALLOWANCE = 8192
+_LABEL_ROWS = 4096  # rows of one CLS posterior block (pass 1)
+#: The interpreter with torch and pyarrow (~0.6 GB) and the CLS mixture (~0.4 GB at K = 8192, 768 wide).
+BASE_BYTES = 10**9
+_BLOCK_BYTES = 2**28  # bytes of one block of a map job's accumulators (256 MiB)
+
+
+def _partial_specs(modes: int, num_tokens: int, token_dim: int, covariance: str, k: int) -> dict:
+    """The tensors of a partial, in file order: ``name -> (shape, dtype)``."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance: expected one of {list(COVARIANCES)}, got {covariance!r}")
+    m = int(modes)
+    grid = (m, int(num_tokens), int(token_dim))
+    return {"modes": ((m,), np.int64), "counts": ((m,), np.int64), "sum": (grid, np.float64),
+            "sumsq": (grid if covariance == "diag" else (m,), np.float64), "cls_weights": ((int(k),), np.float64)}
+
+
+def partial_bytes(modes: int, num_tokens: int, token_dim: int, covariance: str, *, k: int,
+                  meta: Mapping | None = None) -> int:
+    """Bytes of one partial file touching ``modes`` of ``k`` modes (module doc, "Size of a partial").
+
+    Exact when ``meta`` is the partial's metadata (as :func:`spatial_stats` writes it); without it the
+    header counts :data:`METADATA_ALLOWANCE` bytes for the metadata, an upper bound for groups of up
+    to ~300 shards (the data, all but ~1-2 kB, is exact either way)."""
+    layout = io.TensorFile("-", _partial_specs(modes, num_tokens, token_dim, covariance, k), meta)  # not opened
+    return layout.nbytes + (METADATA_ALLOWANCE if meta is None else 0)
+
+
+def map_memory_bytes(modes: int, num_tokens: int, token_dim: int, covariance: str, *, k: int,
+                     rows: int = 256, flip: bool = False, shard_itemsize: int = 2) -> int:
+    """A map job's peak memory (module doc, "Memory of a map job"): the partial's float64 accumulators,
+    one batch of ``rows`` token grids (3 float64 copies, 4 with ``flip``, 5 with ``flip`` and ``diag``, and
+    the shard's ``shard_itemsize``-byte batch) or, in the first pass, a ``4096 x k`` CLS posterior block,
+    and :data:`BASE_BYTES`. Within 3% of the peak RSS measured on 967 modes of 16 x 16 x 768 tokens."""
+    m, nd = int(modes), int(num_tokens) * int(token_dim)
+    diag = covariance == "diag"
+    acc = 8 * m * nd * (2 if diag else 1) + (0 if diag else 8 * m)
+    copies = 3 + (1 + diag if flip else 0)
+    batch = rows * nd * (8 * copies + shard_itemsize)
+    posterior = 3 * 8 * _LABEL_ROWS * int(k)
+    return BASE_BYTES + acc + max(batch, posterior)
 
 
 def _shard_layout(paths: list[Path]) -> dict:
@@ -71,12 +139,18 @@ def spatial_stats(
     device: str = "cpu",
     progress: bool = False,
 ) -> dict:
-    """Write the partial sums of the shards ``shard_spec`` (file, folder, glob or list) to ``out``."""
+    """Write the partial sums of the shards ``shard_spec`` (file, folder, glob or list: one group) to ``out``.
+
+    The shards are read in the order of their names, whatever order they are given in."""
     from tqdm.auto import tqdm
 
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance: expected one of {list(COVARIANCES)}, got {covariance!r}")
-    paths = shards.resolve(shard_spec)
+    paths = sorted(shards.resolve(shard_spec), key=lambda p: (p.name, str(p)))
+    for a, b in itertools.pairwise(paths):
+        if a.name == b.name:
+            raise ValueError(f"{b}: a shard named {a.name} is already in this group ({a}); partials tell "
+                             "shards apart by name")
     layout = _shard_layout(paths)
     h, w = layout["grid"]
     d = layout["token_dim"]
@@ -86,13 +160,19 @@ def spatial_stats(
     # pass 1: hard CLS assignment of every row
     labels = []
     for p in paths:
-        for batch in shards.iter_columns(p, ["cls"], rows=4096):
-            labels.append(hard_labels(source, batch["cls"], what=f"{p}: column 'cls'"))
-    labels = torch.cat(labels)
+        for batch in shards.iter_columns(p, ["cls"], rows=_LABEL_ROWS):
+            labels.append(hard_labels(source, batch["cls"], rows=_LABEL_ROWS, what=f"{p}: column 'cls'"))
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     modes, pos = torch.unique(labels, sorted=True, return_inverse=True)
     m = len(modes)
-    acc = torch.zeros((m, nd), dtype=torch.float64)
-    acc_sq = torch.zeros((m, nd) if covariance == "diag" else (m,), dtype=torch.float64)
+    diag = covariance == "diag"
+    # the accumulators, in blocks of modes: each is written out and freed in turn, so the file never
+    # doubles the memory (row order within a mode is kept: the sums are those of one (M, N D) array)
+    step = max(1, _BLOCK_BYTES // (8 * nd))
+    spans = [(lo, min(m, lo + step)) for lo in range(0, m, step)]
+    acc = [torch.zeros((hi - lo, nd), dtype=torch.float64) for lo, hi in spans]
+    acc_sq = ([torch.zeros((hi - lo, nd), dtype=torch.float64) for lo, hi in spans] if diag
+              else torch.zeros(m, dtype=torch.float64))
     per_row = 2 if flip else 1
 
     # pass 2: token sums, in row order
@@ -104,20 +184,32 @@ def spatial_stats(
             tokens = batch["tokens"]
             if tokens.shape[1] != nd:
                 raise ValueError(f"{p}: tokens have {tokens.shape[1]} values per row, expected {h}x{w}x{d} = {nd}")
-            x = torch.from_numpy(tokens.astype(np.float64))
-            idx = pos[start:start + len(x)]
+            n_b = len(tokens)
+            x = torch.from_numpy(np.require(tokens, requirements="W")).to(torch.float64)  # exact
+            idx = pos[start:start + n_b]
             if flip:
-                mirror = x.view(-1, h, w, d).flip(2).reshape(len(x), nd)
-                acc.index_add_(0, idx, x + mirror)
-                if covariance == "diag":
-                    acc_sq.index_add_(0, idx, x * x + mirror * mirror)
+                mirror = x.view(-1, h, w, d).flip(2).reshape(n_b, nd)
+                if diag:
+                    sq = x * x
+                    sq += mirror * mirror
                 else:
-                    acc_sq.index_add_(0, idx, 2.0 * (x * x).sum(1))
+                    sq = 2.0 * (x * x).sum(1)
+                x = x + mirror
+                del mirror
             else:
-                acc.index_add_(0, idx, x)
-                acc_sq.index_add_(0, idx, x * x if covariance == "diag" else (x * x).sum(1))
-            start += len(x)
-            bar.update(len(x))
+                sq = x * x if diag else (x * x).sum(1)
+            if not diag:
+                acc_sq.index_add_(0, idx, sq)
+            block = idx // step
+            for j in torch.unique(block).tolist():
+                rows_j = None if len(spans) == 1 else (block == j).nonzero().squeeze(1)
+                local = idx - j * step if rows_j is None else idx[rows_j] - j * step
+                acc[j].index_add_(0, local, x if rows_j is None else x.index_select(0, rows_j))
+                if diag:
+                    acc_sq[j].index_add_(0, local, sq if rows_j is None else sq.index_select(0, rows_j))
+            del x, sq
+            start += n_b
+            bar.update(n_b)
     bar.close()
     counts = torch.bincount(pos, minlength=m).to(torch.int64) * per_row
 
@@ -126,12 +218,21 @@ def spatial_stats(
         "cls_gmm": files.fingerprint(cls_gmm_path), "shards": [p.name for p in paths], "rows": int(start),
         "modes_touched": m,
     }
-    io.save_tensors(out, {
-        "modes": modes.numpy(), "counts": counts.numpy(),
-        "sum": acc.view(m, h * w, d).numpy(),
-        "sumsq": (acc_sq.view(m, h * w, d) if covariance == "diag" else acc_sq).numpy(),
-        "cls_weights": source.weights.double().cpu().numpy(),
-    }, meta)
+    with io.TensorFile(out, _partial_specs(m, h * w, d, covariance, source.num_modes), meta) as f:
+        f["modes"][...] = modes.to(torch.int64).numpy()
+        f["counts"][...] = counts.numpy()
+        f["cls_weights"][...] = source.weights.double().cpu().numpy()
+        out_sum = f["sum"].reshape(m, nd)
+        out_sq = f["sumsq"].reshape(m, nd) if diag else f["sumsq"]
+        if not diag:
+            out_sq[...] = acc_sq.numpy()
+        for j, (lo, hi) in enumerate(spans):
+            out_sum[lo:hi] = acc[j].numpy()
+            acc[j] = None
+            if diag:
+                out_sq[lo:hi] = acc_sq[j].numpy()
+                acc_sq[j] = None
+        f.commit()
     return meta
 
 
