@@ -75,12 +75,6 @@ def wait_for_rows(proc, out, rows, timeout=120):
         time.sleep(0.05)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ------------------------------------------------------------------------------------------------ stop signals
 
 
@@ -156,7 +150,7 @@ def test_two_agents_on_localhost_give_the_weights_of_one_process(toy, tmp_path, 
     cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=6, shuffle=False,
                  grad_clip=0.5)
     path = write_config(tmp_path / "run.yaml", cfg)
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{launch.free_port()}"
     agents = [mmfm("train", "--config", path, "--shards", one, "--out", tmp_path / "nodes", "--device", "cpu",
                    "--nnodes", 2, "--nproc", nproc, "--rdzv-endpoint", endpoint, "--json",
                    *(["--node-rank", rank] if rendezvous == "static" else ["--rdzv-id", "test"]), env=ONE_THREAD)
@@ -185,7 +179,7 @@ def test_sampling_over_two_agents_writes_the_set_of_one_process(tmp_path):
     args = ["sample", "--model", model, "--source", source, "--num-samples", 7,
             "--steps", 3, "--batch-size", 2, "--encoder", "pixels", "--image-size", 8, "--json"]
     assert main([str(a) for a in args] + ["--out", str(tmp_path / "one.npz")]) == 0
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{launch.free_port()}"
     agents = [mmfm(*args, "--out", tmp_path / "two.npz", "--nnodes", 2, "--nproc", 1, "--rdzv-endpoint", endpoint,
                    "--rdzv-id", "sample-test", env=ONE_THREAD) for _ in range(2)]
     for a in agents:
@@ -260,7 +254,7 @@ def test_nodes_that_do_not_meet_name_the_endpoint_and_write_nothing(toy, tmp_pat
     both give up after --rdzv-timeout with the endpoint named."""
     root, _ = toy
     out = tmp_path / "run"
-    endpoint = f"127.0.0.1:{free_port()}"
+    endpoint = f"127.0.0.1:{launch.free_port()}"
     extra = ["--node-rank", "1"] if rendezvous == "static" else []
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "mmfm.cli", "train", "--config",

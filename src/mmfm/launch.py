@@ -38,7 +38,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from mmfm.devices import DeviceError, thread_env
+from mmfm.devices import check_nproc, thread_env
 
 #: Signals the agent forwards to its workers (then exits 128 + signum).
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1")
@@ -248,12 +248,7 @@ def _srun_agents(spec: Launch, argv: list[str], gpus: bool) -> int:
 
 
 def check_devices(spec: Launch, device_type: str) -> None:
-    """Refuse more CUDA processes on this node than it has devices (before any worker starts)."""
-    from mmfm.devices import check_nproc
-
-    if spec.srun and spec.nnodes > 1:
-        return  # checked by each agent on its own node
-    try:
+    """Refuse more CUDA processes on this node than it has devices (before any worker starts); with
+    ``--srun`` each agent checks its own node."""
+    if not (spec.srun and spec.nnodes > 1):
         check_nproc(spec.nproc, device_type)
-    except DeviceError as err:
-        raise LaunchError(str(err)) from None

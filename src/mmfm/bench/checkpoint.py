@@ -139,12 +139,6 @@ def _fingerprint(state: dict) -> dict:
     return out
 
 
-def _state_bytes(state: dict) -> int:
-    tensors = list(state["model"].state_dict().values()) + list(state["ema"].state_dict().values())
-    tensors += [v for e in state["optimizer"].state.values() for v in e.values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 # ------------------------------------------------------------------------------------------------ system
 
 
