@@ -6,9 +6,38 @@ expected, so bad input never turns into a silent broadcast deep inside a computa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
+
+_AS_ON_ACCELERATOR = [False]
+
+
+@contextlib.contextmanager
+def as_on_accelerator():
+    """Inside, :func:`concrete` is false for CPU tensors too: a CPU run then takes the code path of a GPU
+    run (``mmfm bench train`` counts the host syncs a GPU step would make)."""
+    _AS_ON_ACCELERATOR.append(True)
+    try:
+        yield
+    finally:
+        _AS_ON_ACCELERATOR.pop()
+
+
+def concrete(x: torch.Tensor) -> bool:
+    """Whether a check may read ``x``'s values: a real CPU tensor outside ``torch.compile``.
+
+    Value checks (finite, positive, label range) are skipped elsewhere: on an accelerator a read is a
+    host sync, which the training and sampling loops must not pay per step (they check what they read
+    from disk on the host, before it crosses to the device); a ``FakeTensor`` (a memory trace,
+    :mod:`mmfm.plan.memory`) or a ``meta`` tensor has no values; under ``torch.compile`` a read breaks
+    the graph. Shapes and dtypes are always checked."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or _AS_ON_ACCELERATOR[-1]:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(x)
 
 
 def tensor(name: str, x, *, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
@@ -43,8 +72,8 @@ def event(name: str, x: torch.Tensor, event_shape: tuple[int, ...]) -> None:
 
 
 def finite(name: str, x: torch.Tensor) -> None:
-    """Raise if ``x`` holds NaN or an infinity (skipped on the ``meta`` device)."""
-    if x.device.type != "meta" and x.numel() and not bool(torch.isfinite(x).all()):
+    """Raise if ``x`` holds NaN or an infinity (skipped where values cannot be read, :func:`concrete`)."""
+    if x.numel() and concrete(x) and not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"{name}: expected finite values, found {bad} non-finite of {x.numel()}")
 
@@ -67,7 +96,7 @@ def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 def positive(name: str, x: torch.Tensor | float) -> None:
     """Check that every value is strictly positive (variances, scales)."""
     if isinstance(x, torch.Tensor):
-        if x.device.type != "meta" and x.numel() and not bool((x > 0).all()):
+        if x.numel() and concrete(x) and not bool((x > 0).all()):
             raise ValueError(f"{name}: expected strictly positive values, min is {float(x.min()):.6g}")
     elif not x > 0:
         raise ValueError(f"{name}: expected a positive number, got {x}")
@@ -77,6 +106,8 @@ def probability_vector(name: str, w: torch.Tensor, atol: float = 1e-4) -> None:
     """Check a 1-D vector of non-negative weights that sums to one."""
     shape(name, w, (None,))
     finite(name, w)
+    if not concrete(w):
+        return
     if bool((w < 0).any()):
         raise ValueError(f"{name}: expected non-negative weights, min is {float(w.min()):.6g}")
     total = float(w.double().sum())
@@ -96,9 +127,12 @@ def interval(name: str, lo: float, hi: float, within: tuple[float, float] = (0.0
 
 
 def labels(name: str, y: torch.Tensor, num: int, batch: int | None = None) -> None:
-    """Check integer labels in ``[0, num)`` of shape ``(batch,)``."""
+    """Check integer labels in ``[0, num)`` of shape ``(batch,)``.
+
+    The range is read only where :func:`concrete` allows (on a GPU an index out of range still stops
+    the embedding in a device-side assert)."""
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
         raise ValueError(f"{name}: expected an integer tensor, got {getattr(y, 'dtype', type(y).__name__)}")
     shape(name, y, (batch,))
-    if y.numel() and y.device.type != "meta" and (int(y.min()) < 0 or int(y.max()) >= num):
+    if y.numel() and concrete(y) and (int(y.min()) < 0 or int(y.max()) >= num):
         raise ValueError(f"{name}: expected values in [0, {num}), got range [{int(y.min())}, {int(y.max())}]")

@@ -38,7 +38,7 @@ def _fit_gmm(args: argparse.Namespace) -> int:
         args.input, args.k, args.out, init=args.init, max_iter=args.max_iter, tol=args.tol,
         reg_covar=args.reg_covar, seed=args.seed, device=args.device, dtype=args.precision,
         init_sample=args.init_sample, kmeans_iter=args.kmeans_iter, column=args.column, stream=args.stream,
-        plot=not args.no_plot, progress=not args.json)
+        plot=not args.no_plot, progress=not args.json, rows=args.rows)
     summary = {"out": args.out, "k": args.k, "rows": sidecar["data"]["rows"], "dim": sidecar["data"]["dim"],
                "n_iter": result.n_iter, "converged": result.converged, "final_loglik": result.final_loglik,
                "reseeded": sidecar["fit"]["reseeded_total"], "collapsed": result.collapsed,
@@ -57,7 +57,7 @@ def _spatial_stats(args: argparse.Namespace) -> int:
     from mmfm.gmm.spatial import spatial_stats
 
     meta = spatial_stats(args.shards, args.gmm, args.out, flip=args.flip, covariance=args.covariance,
-                         rows=args.rows, device=args.device, progress=not args.json)
+                         rows=args.rows, device=args.device, progress=not args.json, rows_from=args.rows_from)
     line = {k: meta[k] for k in ("rows", "modes_touched", "k", "flip", "covariance")}
     print(json.dumps({"out": args.out, **line}) if args.json else
           f"wrote {args.out}: {line['rows']} rows into {line['modes_touched']} of {line['k']} modes")
@@ -248,7 +248,8 @@ def _sample(args: argparse.Namespace) -> int:
                          guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
                          cfg_scale=args.cfg_scale,
                          norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
-                         batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json)
+                         batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json,
+                         precision=args.network_precision)
     if _rank() == 0:
         print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
     return 0
@@ -258,7 +259,17 @@ def _bench_train(args: argparse.Namespace) -> int:
     from mmfm.bench.train import bench_train
 
     result = bench_train(preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
-                         in_channels=args.channels, num_tokens=args.tokens, device=args.device, compile=args.compile)
+                         in_channels=args.channels, num_tokens=args.tokens, device=args.device, compile=args.compile,
+                         conditioning=args.conditioning, modes=args.modes, accumulation=args.accumulation)
+    return _report_bench(result, args.json)
+
+
+def _bench_stream(args: argparse.Namespace) -> int:
+    from mmfm.bench.stream import bench_stream
+
+    result = bench_stream(args.shards, rows=args.rows, side=args.side, token_dim=args.channels, cls_dim=args.cls_dim,
+                          batch=args.batch, buffer_rows=args.buffer_rows, batches=args.batches, preset=args.preset,
+                          gpu=args.gpu, mfu=args.mfu, seed=args.seed)
     return _report_bench(result, args.json)
 
 
@@ -268,6 +279,27 @@ def _bench_checkpoint(args: argparse.Namespace) -> int:
     result = bench_checkpoint(preset=args.preset, out_dir=args.out_dir, in_channels=args.channels,
                               num_tokens=args.tokens, seed=args.seed, keep=args.keep)
     return _report_bench(result, args.json)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``mmfm plan``: the table, what does not fit, the total disk and GPU-hours (last two lines); with
+    ``--json`` the plan as one JSON object after them; with ``--strict`` exit 1 when a job does not fit."""
+    from mmfm.plan import DEFAULT_MFU, build_plan, gpu, mfu_from, parse_size, render
+
+    kind = gpu(args.gpu)
+    if args.mfu is not None and args.mfu_from is not None:
+        raise ValueError("--mfu and --mfu-from: give one of them")
+    mfu, source = (args.mfu, "--mfu") if args.mfu is not None else (DEFAULT_MFU, "the default")
+    if args.mfu_from is not None:
+        mfu, source = mfu_from(args.mfu_from)
+    disk = parse_size(args.disk, "--disk") if args.disk is not None else None
+    plan = build_plan(args.configfile, gpu=kind, mfu=mfu, mfu_source=source, root=args.directory,
+                      profile=args.profile, disk=disk, cache=None if args.no_cache else "default")
+    for line in render(plan):
+        print(line)
+    if args.json:
+        print(json.dumps(plan.as_dict()))
+    return 1 if args.strict and not plan.fits else 0
 
 
 def _read_config(path: str) -> dict:
@@ -505,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--init-sample", type=int, default=None, help="rows k-means sees (default: all)")
     fit.add_argument("--kmeans-iter", type=int, default=10, help="Lloyd iterations for --init kmeans")
     fit.add_argument("--column", default="cls", help="Parquet column (default: %(default)s)")
+    fit.add_argument("--rows", default="all", choices=["all", "originals"],
+                     help="originals: only the rows whose flip is false (the release fitted the images alone)")
     fit.add_argument("--stream", action="store_true", help="read Parquet shards at every pass instead of "
                                                            "loading the column into memory")
     fit.add_argument("--no-plot", action="store_true", help="skip OUT_weights.png")
@@ -518,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--gmm", required=True, help="the CLS GMM (.safetensors from fit-gmm)")
     st.add_argument("--out", required=True, help="output partial .safetensors")
     st.add_argument("--flip", action="store_true", help="also add each latent grid mirrored along its width")
+    st.add_argument("--rows-from", default="all", choices=["all", "originals"],
+                    help="originals: skip the stored mirrors (with --flip: the release's statistics)")
     st.add_argument("--covariance", default="spherical", choices=["spherical", "diag"])
     st.add_argument("--rows", type=int, default=256, help="rows read at a time")
     st.add_argument("--device", default="cpu", help="device of the CLS assignment")
@@ -659,6 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding")
     smp.add_argument("--decoder", default=None, help="RAE decoder checkpoint (transformers tokenizers)")
     smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
+    smp.add_argument("--network-precision", default="fp32", choices=["fp32", "bf16"],
+                     help="run the velocity networks under bf16 autocast (the ODE state stays fp32)")
     launch_args(smp)
     smp.set_defaults(func=_sample)
 
@@ -730,8 +768,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.set_defaults(func=_bench_encode)
 
     bt = bench.add_parser("train", help="training steps/s, samples/s, counted FLOPs per sample and MFU (GPU)",
-                          description="One AdamW training step of a DiTDH preset on synthetic latents "
-                                      "(bf16 autocast on CUDA).")
+                          description="The training loop's own optimizer step (coupling, bf16 autocast on CUDA, "
+                                      "fused AdamW, EMA) of a DiTDH preset on synthetic latents; counts the host "
+                                      "syncs per step and, with --compile, the graph breaks.")
     bt.add_argument("--preset", default="ditdh-s", help="ditdh-s, -b, -l, -xl, -demo, -tiny (default: %(default)s)")
     bt.add_argument("--batch", type=int, default=8, help="micro-batch (default: %(default)s)")
     bt.add_argument("--steps", type=int, default=5, help="timed steps")
@@ -740,8 +779,31 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--tokens", type=int, default=256, help="latent tokens (a square)")
     bt.add_argument("--device", default=None, help="default: cuda if available")
     bt.add_argument("--compile", action="store_true", help="torch.compile the network")
+    bt.add_argument("--conditioning", default="none", choices=["none", "class", "mode"],
+                    help="none (Gaussian source), class (1000 labels) or mode (GMM source, mode coupling)")
+    bt.add_argument("--modes", type=int, default=64, help="GMM modes for --conditioning mode (default: %(default)s)")
+    bt.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
     bt.add_argument("--json", action="store_true", help="print only the JSON line")
     bt.set_defaults(func=_bench_train)
+
+    bs = bench.add_parser("stream", help="rows/s of one rank's shuffled shard stream vs what its GPU consumes",
+                          description="The training loop's shard stream (shuffled, buffered, read ahead in a "
+                                      "thread) over --shards or synthetic shards of the preset's geometry, beside "
+                                      "the rows/s one GPU trains on at --mfu.")
+    bs.add_argument("--shards", default=None, help="a folder, file or glob of shards (default: synthetic)")
+    bs.add_argument("--rows", type=int, default=4096, help="synthetic rows (default: %(default)s)")
+    bs.add_argument("--side", type=int, default=16, help="synthetic token grid side (default: %(default)s)")
+    bs.add_argument("--channels", type=int, default=768, help="synthetic token width (default: %(default)s)")
+    bs.add_argument("--cls-dim", type=int, default=768, help="synthetic CLS width (default: %(default)s)")
+    bs.add_argument("--batch", type=int, default=128, help="rows per rank and step (XL: 1024 / 8 GPUs)")
+    bs.add_argument("--buffer-rows", type=int, default=4096, help="shuffle buffer (train.buffer_rows)")
+    bs.add_argument("--batches", type=int, default=16, help="timed batches")
+    bs.add_argument("--preset", default="ditdh-xl", help="the DiTDH the GPU trains (default: %(default)s)")
+    bs.add_argument("--gpu", default="h100-80gb", help="a100-40gb, a100-80gb, h100-80gb, h200")
+    bs.add_argument("--mfu", type=float, default=0.4, help="the GPU's model FLOPs utilization (default: 0.4)")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--json", action="store_true", help="print only the JSON line")
+    bs.set_defaults(func=_bench_stream)
 
     bc = bench.add_parser("checkpoint", help="seconds and bytes of a training checkpoint (the stop-signal lead time)",
                           description="Write and read back the checkpoint a run of the preset writes on a stop "
@@ -756,6 +818,28 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--keep", action="store_true", help="keep the files")
     bc.add_argument("--json", action="store_true", help="print only the JSON line")
     bc.set_defaults(func=_bench_checkpoint)
+
+    from mmfm.plan.gpus import DEFAULT_GPU, GPUS
+
+    pl = sub.add_parser("plan", help="jobs, bytes, memory, FLOPs and GPU-hours of a config's DAG, before it runs",
+                        description="For every rule of the config's DAG: its jobs, the bytes they write, the peak "
+                                    "host memory per job, the GPU memory per rank (traced on fake tensors), FLOPs "
+                                    "and GPU-hours at an MFU; flags every job whose needs exceed its resources. "
+                                    "Needs no artifact: missing ones are notes (docs/plan.md).")
+    pl.add_argument("--configfile", default=None, help="the workflow config (default: config.yaml, as snakemake)")
+    pl.add_argument("--gpu", default=DEFAULT_GPU, metavar="KIND",
+                    help=f"GPU kind: {', '.join(GPUS)} (default: %(default)s)")
+    pl.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the hours (default: 0.4)")
+    pl.add_argument("--mfu-from", default=None, metavar="FILE",
+                    help="the MFU measured by `mmfm bench train --json` (its output saved to FILE)")
+    pl.add_argument("--profile", default=None,
+                    help="Snakemake profile whose retries and stop-signal lead apply (default: profiles/slurm)")
+    pl.add_argument("--directory", default=".", help="working directory of the workflow (relative config paths)")
+    pl.add_argument("--disk", default=None, help="space for results/, e.g. 2TB (default: free space here)")
+    pl.add_argument("--no-cache", action="store_true", help="trace again (traces are cached in ~/.cache/mmfm/plan)")
+    pl.add_argument("--strict", action="store_true", help="exit 1 when a job (or the disk) does not fit")
+    pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, the last line")
+    pl.set_defaults(func=_plan)
     return parser
 
 

@@ -19,6 +19,7 @@ sets) and a PNG grid of the first images.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,14 +156,20 @@ def decode_latents(tokenizer, latents: torch.Tensor, norm=None, batch_size: int 
     return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
 
 
-def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """ADM's sample file: ``arr_0`` uint8 ``(n, H, W, 3)`` and, for class-conditional sets, ``arr_1``."""
+def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | None = None,
+             meta: dict | None = None) -> Path:
+    """ADM's sample file: ``arr_0`` uint8 ``(n, H, W, 3)`` and, for class-conditional sets, ``arr_1``; with
+    ``meta``, a ``meta`` entry holding it as a JSON string (``json.loads(str(np.load(path)["meta"]))``; ADM's
+    evaluator and pytorch-fid read ``arr_0`` only)."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images: expected uint8 (n, H, W, 3), got {images.dtype} {images.shape}")
     path = Path(path)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, arr_0=images, **({} if labels is None else {"arr_1": np.asarray(labels)}))
+            extra = {} if labels is None else {"arr_1": np.asarray(labels)}
+            if meta is not None:
+                extra["meta"] = np.array(json.dumps(meta, sort_keys=True))
+            np.savez(f, arr_0=images, **extra)
     return path
 
 
@@ -186,6 +193,29 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, max_images: int = 64)
     return path
 
 
+#: ``sample.precision``: how the velocity networks run (the ODE state, the noise and the guidance
+#: combination stay float32).
+PRECISIONS = ("fp32", "bf16")
+
+
+class NetworkPrecision(torch.nn.Module):
+    """``network(x, t, **cond)`` under bf16 autocast on ``x``'s device, its output cast back to float32
+    (``precision="bf16"``), or as is (``"fp32"``). Each network (main, guide) is wrapped on its own, so
+    the guidance combination ``v_g + w (v_m - v_g)`` is formed in float32."""
+
+    def __init__(self, network: torch.nn.Module, precision: str = "fp32"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        self.network, self.precision = network, precision
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if self.precision == "fp32":
+            return self.network(x, t, **cond)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.network(x, t, **cond).float()
+
+
 def noise_source(source: str | os.PathLike, shape: tuple[int, int]):
     """``"gaussian"`` -> ``N(0, I)`` over ``shape``; else a GMM file, whose latents must have ``shape``."""
     from mmfm.gmm.files import load_source
@@ -200,13 +230,17 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
                n: int = 64, seed: int = 0, steps: int = 50, method: str = "euler", shift: float = 1.0,
                end: float = 1.0, guide: str | os.PathLike | None = None, guidance_scale: float = 1.0,
                guidance_interval=(0.0, 1.0), cfg_scale: float = 1.0, norm=None, batch_size: int = 64,
-               device: str = "cpu", grid: str | os.PathLike | None = None, progress: bool = True) -> dict:
+               device: str = "cpu", grid: str | os.PathLike | None = None, progress: bool = True,
+               precision: str = "fp32") -> dict:
     """The sampling stage: an exported velocity network (``mmfm.models.velocity.load_velocity_model``;
     its metadata gives the conditioning and the latent shape), noise from ``source`` (``"gaussian"`` or
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
     model gets the same modes in its guide) or classifier-free guidance at ``cfg_scale`` for a
     class-conditional model trained with label dropout, decoded by ``tokenizer`` into ADM's ``.npz``
-    (and a PNG ``grid``). Returns what it wrote and the NFE per sample.
+    (and a PNG ``grid``). ``precision``: ``bf16`` runs each network under bf16 autocast
+    (:class:`NetworkPrecision`), as the release sampled; the ODE state and noise stay float32. The ``.npz``
+    also holds ``meta``, a JSON string of the settings (precision, steps, NFE, seed, model, guide, source).
+    Returns what it wrote and the NFE per sample.
 
     Under ``torch.distributed`` (``mmfm sample --nproc N``) every rank samples and decodes its share
     (indices ``rank::world``) and writes it to ``out.partR-of-W.npz``; rank 0 merges the parts in index
@@ -217,14 +251,15 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     from mmfm.models.velocity import load_velocity_model, read_metadata
 
     meta = read_metadata(model)
-    velocity = load_velocity_model(model, device)
+    velocity = NetworkPrecision(load_velocity_model(model, device), precision)
     cond, shape = meta["conditioning"], (meta["num_tokens"], meta["in_channels"])
     if guide is not None and guidance_scale != 1.0:
         gmeta = read_metadata(guide)
         if (gmeta["conditioning"], gmeta["num_tokens"], gmeta["in_channels"]) != (cond, *shape):
             raise ValueError(f"{guide}: the guide must take the main model's inputs ({cond}, {shape}), "
                              f"it takes ({gmeta['conditioning']}, {(gmeta['num_tokens'], gmeta['in_channels'])})")
-        velocity = Autoguidance(velocity, load_velocity_model(guide, device), guidance_scale, guidance_interval)
+        velocity = Autoguidance(velocity, NetworkPrecision(load_velocity_model(guide, device), precision),
+                                guidance_scale, guidance_interval)
     if cfg_scale != 1.0:
         if cond != "class" or meta.get("null_label") is None:
             raise ValueError(f"{model}: classifier-free guidance needs a class-conditional model with a null label")
@@ -244,14 +279,18 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     nfe_per_sample = got.nfe / max(1, -(-len(got.index) // batch_size))
     if world > 1:
         images, labels = _gather_parts(Path(out), rank, world, got.index.numpy(), images, labels)
+    settings = {"model": str(model), "guide": None if guide is None else str(guide), "source": str(source),
+                "n": n, "seed": seed, "steps": steps, "method": method, "shift": shift, "end": end,
+                "guidance_scale": guidance_scale, "cfg_scale": cfg_scale, "precision": precision,
+                "nfe_per_sample": nfe_per_sample, "conditioning": cond}
     if rank == 0:
-        save_npz(out, images, labels)
+        save_npz(out, images, labels, meta=settings)
         if grid is not None:
             save_grid(grid, images)
     if world > 1:
         dist.barrier()
     return {"out": str(out), "n": n, "conditioning": cond, "nfe_per_sample": nfe_per_sample,
-            "image_shape": list(images.shape[1:]), "world_size": world}
+            "image_shape": list(images.shape[1:]), "world_size": world, "precision": precision}
 
 
 def _gather_parts(out: Path, rank: int, world: int, index: np.ndarray, images: np.ndarray, labels):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmfm.bench import train
-from mmfm.bench.train import PEAK_BF16, _batch, bench_train, count_flops, device_peak
+from mmfm.bench.train import PEAK_BF16, bench_train, count_flops, device_peak
 from mmfm.models.ditdh import build_ditdh
 
 
@@ -17,7 +17,9 @@ def test_counted_flops_are_linear_in_batch_and_cover_the_matmuls():
     torch.manual_seed(0)
     model = build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16)
     g = torch.Generator().manual_seed(0)
-    one, four = (count_flops(model, _batch(b, 16, 12, "cpu", g)) for b in (1, 4))
+    batch = lambda b: (torch.randn(b, 16, 12, generator=g), torch.rand(b, generator=g),  # noqa: E731
+                       torch.randn(b, 16, 12, generator=g))
+    one, four = (count_flops(model, batch(b)) for b in (1, 4))
     assert four == 4 * one
     # forward 2 MACs, backward 4 MACs per Linear weight use; attention and the 1x1 embeddings come on top
     macs = linear_macs(model, 16)
@@ -28,10 +30,21 @@ def test_bench_train_reports_throughput_and_no_mfu_on_cpu(capsys):
     out = bench_train("ditdh-tiny", batch=4, steps=2, warmup=1, in_channels=12, num_tokens=16, device="cpu")
     assert out["mfu"] is None and out["peak_flops_per_s"] is None and out["device"] == "cpu"
     assert out["samples_per_s"] == 4 * out["steps_per_s"] > 0
+    assert out["host_syncs_per_step"] == 0 and out["graph_breaks"] is None
     assert out["flops_per_sample"] > 0 and out["parameters"] == sum(
         p.numel() for p in build_ditdh("ditdh-tiny", in_channels=12, num_tokens=16).parameters())
     assert device_peak(torch.device("cpu")) == ("cpu", None)
     assert capsys.readouterr().err == ""  # the CPU is not an unknown device: no notice
+
+
+@pytest.mark.slow
+def test_bench_train_runs_the_loops_step_compiled_without_breaks():
+    """Mode conditioning (GMM source, mode coupling, adaptive weighting) compiled, with accumulation; the
+    other conditionings' graphs are checked in tests/models/test_compile.py."""
+    out = bench_train("ditdh-tiny", batch=2, steps=1, warmup=1, in_channels=8, num_tokens=16, device="cpu",
+                      compile=True, conditioning="mode", modes=5, accumulation=2)
+    assert out["graph_breaks"] == 0 and out["host_syncs_per_step"] == 0 and out["host_sync_ops"] == {}
+    assert out["samples_per_s"] == pytest.approx(4 * out["steps_per_s"]) and out["accumulation"] == 2
 
 
 # the strings torch.cuda.get_device_name() returns, and each board's data-sheet dense bf16 peak

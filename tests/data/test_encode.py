@@ -254,3 +254,109 @@ def test_cli_encode_and_norm_stats(digits, tmp_path, capsys):
     assert main(["encode", "--images", str(digits), "--encoder", "dinov2", "--encoder-path",
                  str(tmp_path / "no-such-model"), "--out", str(out)]) == 2
     assert "no such directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ encoder.precision fp32, shards.dtype float16
+
+
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    """A 2-layer DINOv2-with-registers of width 32 (patch 7) saved like a hub snapshot; nothing is downloaded."""
+    from transformers import BitImageProcessor, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=7,
+        num_register_tokens=4))
+    folder = tmp_path_factory.mktemp("dinov2")
+    model.save_pretrained(folder)
+    BitImageProcessor(image_mean=[0.4, 0.5, 0.6], image_std=[0.3, 0.25, 0.2]).save_pretrained(folder)
+    return folder
+
+
+def _hf_tokenizer(folder, precision):
+    """The tokenizer the workflow's encode job builds from the encoder section."""
+    from mmfm.config import tokenizer_kwargs
+    from mmfm.encoders import load_tokenizer
+
+    return load_tokenizer(**tokenizer_kwargs({"name": "dinov2", "path": str(folder), "image_size": 32,
+                                              "precision": precision}))
+
+
+def test_fp32_encoding_stored_as_float16_is_the_fp32_output_rounded_once(tiny_dinov2, tmp_path):
+    """encoder.precision fp32 + shards.dtype float16 (the presets): each stored value is the fp32 encoder's
+    normalized output rounded to float16 once, bit for bit; bf16 is recorded and redoes the shard."""
+    root = small_folder(tmp_path / "img", (5, 4), size=(40, 36))
+    tok = _hf_tokenizer(tiny_dinov2, "fp32")
+    assert (tok.grid, tok.token_dim, tok.input_size) == ((16, 16), 32, 112)
+    norm = LatentNorm(np.random.default_rng(0).uniform(0.5, 2.0, (256, 32)), source="test")
+    out = tmp_path / "s.parquet"
+    kw = {"flip": True, "norm": norm, "dtype": "float16", "batch_size": 64, "progress": False}
+    meta = encode_folder(root, out, tok, **kw)
+    assert meta["precision"] == "fp32" and meta["dtype"] == "float16" and meta["rows"] == 18
+    m, cols = read_all(out)
+    assert m["precision"] == "fp32" and cols["tokens"].dtype == np.float16
+
+    items, _ = list_images(root)
+    x = torch.from_numpy(np.stack([center_crop_arr(Image.open(i.path), 32) for i in items]))
+    x = x.permute(0, 3, 1, 2).float() / 255
+    x = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)  # image, mirror, image, ... (one batch, as encoded)
+    cls, tokens = tok.encode(x)
+    assert cls.dtype == tokens.dtype == torch.float32
+    exact = norm.normalize(tokens)
+    assert np.array_equal(cols["tokens"], exact.numpy().astype(np.float16))      # rounded once, from fp32
+    assert np.array_equal(cols["cls"], cls.numpy())                               # the descriptor stays float32
+    rel = np.abs(cols["tokens"].astype(np.float32) - exact.numpy()) / np.maximum(np.abs(exact.numpy()), 6.2e-5)
+    assert rel.max() <= 2.0**-11 and cols["flip"].tolist() == [False, True] * 9
+
+    fast = encode_folder(root, out, _hf_tokenizer(tiny_dinov2, "bf16"), **kw)  # another precision: redone
+    assert "skipped" not in fast and fast["precision"] == "bf16" and fast["settings_digest"] != meta["settings_digest"]
+    _, bf = read_all(out)
+    diff = np.abs(bf["tokens"].astype(np.float32) - cols["tokens"].astype(np.float32))
+    assert 0 < diff.mean() < 0.1                                                  # bf16 autocast is not fp32
+    again = encode_folder(root, out, tok, **kw)
+    assert "skipped" not in again and np.array_equal(read_all(out)[1]["tokens"], cols["tokens"])
+    assert encode_folder(root, out, tok, **kw)["skipped"]
+
+
+def test_fp32_float16_shards_through_the_gmm_stages_as_released(tiny_dinov2, tmp_path):
+    """Shards as the presets write them (fp32 encoder, float16 tokens, stored mirrors) -> the CLS GMM on the
+    originals -> the spatial statistics of the originals with the latent flip: every mean equals the float64
+    mean of the stored float16 grids x_i and flip(x_i) of the originals in each mode."""
+    from mmfm import io
+    from mmfm.gmm import files
+    from mmfm.gmm.fit import fit_cls_gmm
+    from mmfm.gmm.spatial import spatial_reduce, spatial_stats
+
+    root = small_folder(tmp_path / "img", (6, 6), size=(36, 40))
+    tok = _hf_tokenizer(tiny_dinov2, "fp32")
+    paths = [tmp_path / f"shard-{i:04d}.parquet" for i in range(2)]
+    for i, p in enumerate(paths):
+        encode_folder(root, p, tok, shard=i, num_shards=2, flip=True, dtype="float16", batch_size=4, progress=False)
+    cls_path = tmp_path / "cls.safetensors"
+    _, side = fit_cls_gmm(paths, 2, cls_path, init="from-data", seed=0, max_iter=20, rows="originals", plot=False,
+                          progress=False)
+    assert side["data"]["rows"] == 12 and side["settings"]["rows"] == "originals"
+    parts = []
+    for i, p in enumerate(paths):
+        parts.append(tmp_path / f"part-{i}.safetensors")
+        spatial_stats(p, cls_path, parts[-1], flip=True, rows_from="originals", rows=5)
+    spatial_reduce(parts, tmp_path / "spatial.safetensors", weights="counts")
+    got, meta = io.open_tensors(tmp_path / "spatial.safetensors")
+    assert meta["rows_from"] == "originals" and meta["flip"] is True and meta["samples"] == 24
+
+    rows = [next(shards.iter_columns(p, ["cls", "tokens"], rows=10**6, originals=True)) for p in paths]
+    c = np.concatenate([r["cls"] for r in rows]).astype(np.float64)
+    x = np.concatenate([r["tokens"] for r in rows]).astype(np.float64).reshape(12, 16, 16, 32)
+    g = files.load_cls_gmm(cls_path)  # hard labels by the diagonal Gaussian log-joint, in numpy
+    logp = (np.log(g.weights) - 0.5 * (np.log(2 * np.pi * g.variances).sum(1)
+                                       + (((c[:, None] - g.means) ** 2) / g.variances).sum(2)))
+    lab = logp.argmax(1)
+    for k in range(2):
+        sel = lab == k
+        assert got["counts"][k] == 2 * sel.sum()
+        if sel.any():
+            both = np.concatenate([x[sel], x[sel][:, :, ::-1]])
+            np.testing.assert_allclose(np.asarray(got["means"][k]).reshape(16, 16, 32), both.mean(0), rtol=1e-5,
+                                       atol=1e-6)
+            np.testing.assert_allclose(got["variances"][k], both.var(0).mean(), rtol=1e-5)

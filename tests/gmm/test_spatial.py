@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,215 @@ def test_cli_map_and_reduce(setup, capsys):
     assert line["samples"] == 2 * len(tok) and line["k"] == K
     assert main(["spatial-reduce", "--partials", str(tmp / "nothing"), "--out", str(tmp / "x.safetensors")]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ stored mirrors: rows_from "all" / "originals"
+
+
+def flip_grid(x):
+    """The latent grid of ``x (n, H W, D)`` mirrored along its width, as ``spatial_stats`` flips it."""
+    return x.reshape(-1, H, W, D)[:, :, ::-1].reshape(x.shape)
+
+
+def interleave(a, b):
+    """``a_0, b_0, a_1, b_1, ...`` along the rows."""
+    return np.stack([a, b], 1).reshape(2 * len(a), *a.shape[1:])
+
+
+def write_mirrored_shards(folder, n_images=(30, 21), seed=5):
+    """Shards as ``mmfm encode`` writes them with ``shards.flip``: each image's row (flip false) followed by
+    its mirror's row (flip true, same image_id). The mirror rows hold *another* CLS descriptor (another
+    image's, so usually another mode) and tokens that are not the latent flip, so any use of them shows."""
+    rng = np.random.default_rng(seed)
+    paths, originals = [], []
+    for i, n in enumerate(n_images):
+        cls = (rng.standard_normal((n, DC)) + rng.integers(0, 3, (n, 1)) * 4).astype(np.float32)
+        tok = (rng.standard_normal((n, H * W, D)) + 2.0).astype(np.float32)
+        m_cls = cls[rng.permutation(n)] + np.float32(0.5)
+        m_tok = (flip_grid(tok) + rng.standard_normal(tok.shape) * 3).astype(np.float32)
+        p = folder / f"mirrored-{i:03d}.parquet"
+        shards.write_shard(p, {"image_id": np.repeat(np.arange(n) + 1000 * i, 2), "flip": np.tile([False, True], n),
+                               "cls": interleave(cls, m_cls), "tokens": interleave(tok, m_tok)},
+                           {"encoder": "pixels", "revision": "r1", "grid": [H, W], "token_dim": D, "cls_dim": DC},
+                           row_group_rows=16)
+        paths.append(p)
+        originals.append((cls, tok, m_cls, m_tok))
+    cat = [np.concatenate([o[j] for o in originals]) for j in range(4)]
+    return paths, cat
+
+
+@pytest.fixture()
+def mirrored(setup, tmp_path_factory):
+    _, _, _, _, sk, gmm_path = setup
+    folder = tmp_path_factory.mktemp("mirrored")
+    paths, (cls, tok, m_cls, m_tok) = write_mirrored_shards(folder)
+    return folder, paths, cls, tok, m_cls, m_tok, sk, gmm_path
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_originals_with_flip_equal_direct_float64(mirrored, cov):
+    """The release's statistics: per mode k, over the original rows i only (hard r_ik from their own CLS),
+
+        n_k = 2 sum_i r_ik,  mu_k = sum_i r_ik (x_i + flip x_i) / n_k,
+        var_k = sum_i r_ik ((x_i - mu_k)^2 + (flip x_i - mu_k)^2) / n_k   (diag; spherical: its mean over N D)
+
+    computed here in numpy float64 (two-pass, centred), and the partial's sums against the module's formulas."""
+    folder, paths, cls, tok, _, _, sk, gmm_path = mirrored
+    x = tok.astype(np.float64).reshape(len(tok), -1)
+    fx = flip_grid(tok.astype(np.float64)).reshape(len(tok), -1)
+    r = np.eye(K)[sk.predict(cls)]                       # (n, K) hard responsibilities of the originals
+    n_k = 2 * r.sum(0)
+    full = n_k > 0
+    mu = (r.T @ (x + fx))[full] / n_k[full, None]
+    dev2 = np.stack([(r[:, k, None] * ((x - mu[j]) ** 2 + (fx - mu[j]) ** 2)).sum(0) for j, k in
+                     enumerate(np.flatnonzero(full))]) / n_k[full, None]
+    var = np.maximum(dev2 if cov == "diag" else dev2.mean(1), 1e-8)  # min_variance: a one-image mode's middle
+
+    parts = []
+    for i, p in enumerate(paths):
+        out = folder / f"orig-{cov}-{i}.safetensors"
+        meta = spatial_stats(p, gmm_path, out, flip=True, rows_from="originals", covariance=cov, rows=7)
+        n_rows, n_orig = shards.count_originals(p)
+        assert n_rows == 2 * n_orig == shards.num_rows(p)
+        assert meta["rows_from"] == "originals" and meta["rows"] == n_orig and meta["skipped_rows"] == n_orig
+        parts.append(out)
+    # the partial sums, against the module's definitions (S_k, Q_k of x_i and flip x_i in the original's mode)
+    t, _ = io.open_tensors(parts[0])
+    n0 = shards.count_originals(paths[0])[1]
+    lab0 = sk.predict(cls[:n0])
+    assert list(t["modes"]) == sorted(set(lab0))
+    for j, k in enumerate(t["modes"]):
+        sel = lab0 == k
+        assert t["counts"][j] == 2 * sel.sum()
+        np.testing.assert_allclose(t["sum"][j].reshape(-1), (x[:n0][sel] + fx[:n0][sel]).sum(0), rtol=1e-13)
+        sq = x[:n0][sel] ** 2 + fx[:n0][sel] ** 2
+        np.testing.assert_allclose(np.asarray(t["sumsq"][j]).reshape(-1) if cov == "diag" else t["sumsq"][j],
+                                   sq.sum(0) if cov == "diag" else sq.sum(), rtol=1e-13)
+    out = folder / f"orig-{cov}.safetensors"
+    side = spatial_reduce(parts, out)
+    got, _ = io.open_tensors(out)
+    assert np.array_equal(got["counts"], n_k.astype(np.int64))
+    means = np.asarray(got["means"]).reshape(K, -1)
+    np.testing.assert_allclose(means[full], mu, rtol=1e-6, atol=1e-6)              # stored float32
+    variances = np.asarray(got["variances"]).reshape(K, -1) if cov == "diag" else np.asarray(got["variances"])
+    np.testing.assert_allclose(variances[full], var, rtol=1e-5)
+    grid = np.asarray(got["means"]).reshape(K, H, W, D)
+    assert np.array_equal(grid, grid[:, :, ::-1])                                   # exactly mirror-symmetric
+    assert side["rows_from"] == "originals" and side["rows"] == len(tok) and side["skipped_rows"] == len(tok)
+    assert side["samples"] == 2 * len(tok)
+
+
+def test_originals_never_read_the_stored_mirrors(mirrored, tmp_path):
+    """rows_from 'originals' on shards with mirrors == rows_from 'all' on the same shards without them, bit for
+    bit (the mirrors hold other descriptors and tokens, so any use of them would change the sums)."""
+    _, paths, cls, tok, _, _, _, gmm_path = mirrored
+    bare = []
+    start = 0
+    for p in paths:
+        n = shards.count_originals(p)[1]
+        q = tmp_path / p.name
+        shards.write_shard(q, {"image_id": np.arange(n), "cls": cls[start:start + n], "tokens": tok[start:start + n]},
+                           shards.read_metadata(p), row_group_rows=5)
+        bare.append(q)
+        start += n
+    for flip in (False, True):
+        a, b = tmp_path / f"a{flip}.safetensors", tmp_path / f"b{flip}.safetensors"
+        spatial_stats(paths, gmm_path, a, flip=flip, rows_from="originals", covariance="diag", rows=7)
+        spatial_stats(bare, gmm_path, b, flip=flip, rows_from="all", covariance="diag", rows=4)
+        ta, ma = io.open_tensors(a)
+        tb, mb = io.open_tensors(b)
+        for key in ("modes", "counts", "sum", "sumsq", "cls_weights"):
+            assert np.array_equal(ta[key], tb[key]), key
+        assert ma["rows"] == mb["rows"] == len(tok) and ma["skipped_rows"] == len(tok) and mb["skipped_rows"] == 0
+
+
+def test_all_rows_put_each_stored_mirror_in_its_own_mode(mirrored):
+    folder, paths, cls, tok, m_cls, _, sk, gmm_path = mirrored
+    out = folder / "all.safetensors"
+    spatial_stats(paths, gmm_path, out, rows_from="all", rows=7)
+    t, meta = io.open_tensors(out)
+    every_cls, every_tok = [], []
+    for p in paths:
+        cols = next(shards.iter_columns(p, ["cls", "tokens"], rows=10**6))
+        every_cls.append(cols["cls"])
+        every_tok.append(cols["tokens"])
+    lab = sk.predict(np.concatenate(every_cls))
+    x = np.concatenate(every_tok).astype(np.float64)
+    assert meta["rows"] == 2 * len(tok) and meta["skipped_rows"] == 0 and meta["rows_from"] == "all"
+    assert list(t["modes"]) == sorted(set(lab))
+    for j, k in enumerate(t["modes"]):
+        assert t["counts"][j] == (lab == k).sum()
+        np.testing.assert_allclose(t["sum"][j].reshape(-1), x[lab == k].sum(0), rtol=1e-13)
+    assert (sk.predict(m_cls) != sk.predict(cls)).any()  # the mirrors' modes are their own, not the originals'
+
+
+def test_rows_from_is_recorded_and_mixes_are_refused(mirrored, monkeypatch):
+    from mmfm.gmm import spatial
+
+    folder, paths, _, _, _, _, _, gmm_path = mirrored
+    a, b = folder / "ra.safetensors", folder / "rb.safetensors"
+    spatial_stats(paths[0], gmm_path, a, rows_from="originals")
+    spatial_stats(paths[1], gmm_path, b, rows_from="all")
+    with pytest.raises(ValueError, match=r"rows_from is 'all' but .*ra\.safetensors has 'originals'"):
+        spatial_reduce([a, b], folder / "x.safetensors")
+    assert not (folder / "x.safetensors").exists()
+    # a partial written before rows_from existed counted every row: it sums with 'all', not with 'originals'
+    read = io.read_header
+
+    def legacy(path):  # rc.safetensors as written before the key
+        header, meta, start = read(path)
+        if Path(path).name == "rc.safetensors":
+            meta = {k: v for k, v in meta.items() if k not in ("rows_from", "skipped_rows")}
+        return header, meta, start
+
+    monkeypatch.setattr(spatial.io, "read_header", legacy)
+    c = folder / "rc.safetensors"
+    spatial_stats(paths[0], gmm_path, c, rows_from="all")
+    assert "rows_from" not in spatial.io.read_header(c)[1] and read(c)[1]["rows_from"] == "all"
+    assert spatial_reduce([b, c], folder / "y.safetensors")["rows_from"] == "all"
+    with pytest.raises(ValueError, match=r"rc\.safetensors: rows_from is 'all' but .*ra\.safetensors has 'orig"):
+        spatial_reduce([a, c], folder / "z.safetensors")
+    with pytest.raises(ValueError, match=r"rows_from: expected one of \['all', 'originals'\], got 'mirrors'"):
+        spatial_stats(paths[0], gmm_path, folder / "w.safetensors", rows_from="mirrors")
+
+
+def test_originals_need_the_flip_column(setup):
+    tmp, paths, _, _, _, gmm_path = setup  # written without a flip column
+    with pytest.raises(ValueError, match=r"shard-000\.parquet: no 'flip' column to tell the stored mirrors"):
+        spatial_stats(paths[0], gmm_path, tmp / "x.safetensors", rows_from="originals")
+    assert not (tmp / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("cov", ["spherical", "diag"])
+def test_partial_bytes_is_the_file_size_with_originals(mirrored, cov):
+    folder, paths, _, _, _, _, _, gmm_path = mirrored
+    for flip in (False, True):
+        out = folder / f"osize-{cov}-{flip}.safetensors"
+        meta = spatial_stats(paths, gmm_path, out, flip=flip, rows_from="originals", covariance=cov, rows=7)
+        size = out.stat().st_size
+        assert partial_bytes(meta["modes_touched"], H * W, D, cov, k=K, meta=meta) == size
+        assert size < partial_bytes(meta["modes_touched"], H * W, D, cov, k=K) <= size + METADATA_ALLOWANCE + 8
+
+
+def test_map_memory_of_originals_holds_half_the_batch_in_float64():
+    """With stored mirrors, 'originals' keeps ceil(rows / 2) grids of a batch: reading 2R rows costs what
+    reading R rows of every row costs, plus the 2R rows' extra shard-dtype bytes (the batch and the filtered
+    copy); the accumulators do not change."""
+    from mmfm.gmm.spatial import BASE_BYTES, map_memory_bytes
+
+    n, d, m, k = 256, 768, 8192, 8192
+    for cov in ("spherical", "diag"):
+        for flip in (False, True):
+            kw = {"k": k, "flip": flip, "shard_itemsize": 2}
+            for r in (256, 512, 1024):  # batches above the 4096 x K posterior block
+                orig = map_memory_bytes(m, n, d, cov, rows=2 * r, rows_from="originals", **kw)
+                every = map_memory_bytes(m, n, d, cov, rows=r, rows_from="all", **kw)
+                assert orig - every == n * d * 2 * (2 * r)
+            acc = 8 * m * n * d * (2 if cov == "diag" else 1) + (0 if cov == "diag" else 8 * m)
+            assert map_memory_bytes(m, n, d, cov, rows=1, rows_from="originals", **kw) == \
+                BASE_BYTES + acc + 3 * 8 * 4096 * k  # one row's grids are below the posterior block
+    # the presets: 8192 modes of 16 x 16 x 768, spherical, flip, 256 float16 rows a batch
+    assert map_memory_bytes(m, n, d, "spherical", k=k, rows=256, flip=True, rows_from="originals") == \
+        BASE_BYTES + 8 * m * n * d + 8 * m + n * d * (256 * 2 + 128 * (8 * 4 + 2))
+    with pytest.raises(ValueError, match="rows_from: expected one of"):
+        map_memory_bytes(m, n, d, "spherical", k=k, rows_from="some")

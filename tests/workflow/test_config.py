@@ -151,3 +151,31 @@ def test_shard_groups():
     for bad in (0, 6):
         with pytest.raises(mc.ConfigError, match=f"spatial.groups: {bad} map jobs over shards.num_shards = 5"):
             mc.shard_groups(5, bad)
+
+
+def test_row_set_keys_default_to_every_row_and_name_the_key():
+    """gmm.rows and spatial.rows_from: schema defaults 'all' (the demo counts every row, as before)."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert schema["properties"]["gmm"]["properties"]["rows"]["default"] == "all"
+    assert schema["properties"]["spatial"]["properties"]["rows_from"]["default"] == "all"
+    cfg = default_config()
+    assert "rows" not in cfg["gmm"] and "rows_from" not in cfg["spatial"]  # the demo takes the defaults
+    for section, key in (("gmm", "rows"), ("spatial", "rows_from")):
+        bad = default_config()
+        bad[section][key] = "mirrors"
+        assert any(line.startswith(f"{section}.{key}: 'mirrors' is not one of ['all', 'originals']")
+                   for line in problems(bad)), problems(bad)
+        good = default_config()
+        good[section][key] = "originals"
+        assert problems(good) == []
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_use_the_releases_rows_and_precision(preset):
+    """The release: CLS GMM on the images alone; spatial statistics over the originals, each with its latent
+    flip in its own mode; fp32 encoding (stored float16 here)."""
+    cfg = yaml.safe_load(preset.read_text())
+    assert cfg["shards"]["flip"] is True and cfg["shards"]["dtype"] == "float16"
+    assert cfg["gmm"]["rows"] == "originals"
+    assert cfg["spatial"]["rows_from"] == "originals" and cfg["spatial"]["flip"] is True
+    assert cfg["encoder"]["precision"] == "fp32"

@@ -115,6 +115,19 @@ def test_gmm_k_reruns_the_gmm_stages_and_what_follows_not_encoding(demo):
                              "report": [None], "all": [None]}
 
 
+@pytest.mark.parametrize("override, first", [("gmm={rows: originals}", "fit_cls_gmm"),
+                                             ("spatial={rows_from: originals}", "spatial_stats")])
+def test_row_sets_rerun_their_gmm_stage_and_what_follows_not_encoding(demo, override, first):
+    """gmm.rows reruns the CLS fit and everything after it; spatial.rows_from the spatial stages onwards."""
+    workdir, configfile = demo
+    jobs = by_rule(planned(workdir, "--configfile", configfile, "--config", override))
+    expected = {"fit_cls_gmm": [None], "spatial_stats": [None, None], "spatial_gmm": [None], "train": ["gmm-mode"],
+                "sample": ["gmm-mode", "gmm-mode"], "evaluate": ["gmm-mode"], "report": [None], "all": [None]}
+    if first == "spatial_stats":
+        del expected["fit_cls_gmm"]
+    assert jobs == expected
+
+
 def test_sampling_setting_reruns_sampling_not_training(demo):
     workdir, configfile = demo
     rules = Counter(r for r, _ in planned(workdir, "--configfile", configfile, "--config", "sample={n: 48}"))

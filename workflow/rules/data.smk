@@ -6,7 +6,7 @@ rule export_digits:
     output:
         directory(f"{RESULTS}/digits"),
     params:
-        data=config["data"],
+        data={k: v for k, v in config["data"].items() if k != "num_images"},  # num_images: for mmfm plan only
     log:
         f"{LOGS}/export_digits.log",
     benchmark:

@@ -1,8 +1,11 @@
 # Stage 2: the Gaussian-mixture source (method.md §3.2-3.3).
-#   fit_cls_gmm:   a diagonal K-mode GMM on the CLS descriptors of all shards (EM on numpy, or CuPy/cuML on GPU)
+#   fit_cls_gmm:   a diagonal K-mode GMM on the CLS descriptors of all shards (EM on numpy, or CuPy/cuML on GPU);
+#                  gmm.rows: originals leaves out the stored mirrors (the release fitted on the images alone)
 #   spatial_stats: per group of shards (spatial.groups contiguous ranges; default one per shard), each row's
 #                  hard CLS mode and float64 per-mode sums of its token grid (map); one partial per group,
-#                  ~8 K N D bytes once a group touches every mode (mmfm.gmm.spatial.partial_bytes)
+#                  ~8 K N D bytes once a group touches every mode (mmfm.gmm.spatial.partial_bytes);
+#                  spatial.rows_from: originals skips the stored mirrors, spatial.flip adds each latent's
+#                  width-flip into its row's mode (both: the release's statistics)
 #   spatial_gmm:   the partials of all groups -> per-mode means (K, N, D) and variances (reduce)
 
 

@@ -12,6 +12,7 @@ g = sm.params.gmm
 result, sidecar = fit_cls_gmm(
     list(sm.input.shards), g["k"], sm.output.gmm, init=g["init"], max_iter=g["max_iter"], tol=g["tol"],
     reg_covar=g["reg_covar"], seed=g["seed"], device=job_device(sm), dtype=g["precision"],
-    init_sample=g["init_sample"], kmeans_iter=g["kmeans_iter"], stream=g["stream"], plot=True, progress=True)
+    init_sample=g["init_sample"], kmeans_iter=g["kmeans_iter"], rows=g["rows"], stream=g["stream"], plot=True,
+    progress=True)
 print(f"K = {g['k']}: {result.n_iter} iterations, converged {result.converged}, "
       f"mean log-likelihood {result.final_loglik:.6g}, backend {result.backend}")

@@ -21,7 +21,8 @@ argv = ["sample", "--model", sm.input.model, "--out", sm.output.npz, "--grid", s
         "--steps", str(int(sm.wildcards.nfe)), "--method", s["method"], "--shift", str(s["shift"]),
         "--end", str(s["end"]), "--guidance-scale", str(s["guidance_scale"]),
         "--guidance-interval", *map(str, s["guidance_interval"]), "--cfg-scale", str(s["cfg_scale"]),
-        "--batch-size", str(s["batch_size"]), "--encoder", tok["name"], "--precision", tok["precision"], "--json",
+        "--batch-size", str(s["batch_size"]), "--encoder", tok["name"], "--precision", tok["precision"],
+        "--network-precision", s.get("precision", "fp32"), "--json",
         *mc.launch_flags(dict(sm.resources.items()), sm.threads, sm.config.get("allow_cpu_fallback", False))]
 for flag, value in (("--guide", sm.input.get("guide")), ("--encoder-path", tok.get("path")),
                     ("--image-size", tok.get("image_size")), ("--patch-size", tok.get("patch_size")),

@@ -9,5 +9,5 @@ from mmfm.gmm.spatial import spatial_stats  # noqa: E402
 
 sm = snakemake  # noqa: F821
 s = sm.params.spatial
-print(spatial_stats(list(sm.input.shards), sm.input.cls_gmm, sm.output[0], flip=s["flip"],
+print(spatial_stats(list(sm.input.shards), sm.input.cls_gmm, sm.output[0], flip=s["flip"], rows_from=s["rows_from"],
                     covariance=s["covariance"], rows=s["rows"], device=job_device(sm), progress=True))

@@ -90,13 +90,13 @@ def build_training_state(preset: str = "ditdh-xl", in_channels: int = 768, num_t
     Deterministic in ``seed``.
     """
     from mmfm.train.loop import build_model, derived_seed
+    from mmfm.train.step import make_optimizer
 
     cfg = TrainConfig(model=preset, seed=seed)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, num_tokens, in_channels, 0)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), cfg)  # the loop's (fused) AdamW
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_schedule().factor)
     ema = EMA(model, cfg.ema_schedule())
     generators = {"train": torch.Generator().manual_seed(derived_seed(cfg.seed))}
@@ -105,7 +105,7 @@ def build_training_state(preset: str = "ditdh-xl", in_channels: int = 768, num_t
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
         i = 0
-        while i < len(params):  # AdamW steps every parameter with a gradient, on its own (no foreach on CPU)
+        while i < len(params):  # AdamW steps only the parameters that have a gradient: a chunk at a time
             group, n = [], 0
             while i < len(params) and (not group or n + params[i].numel() <= GRAD_CHUNK):
                 group.append(params[i])

@@ -1,9 +1,13 @@
 """``mmfm bench train``: training throughput of a DiTDH preset, and its model FLOPs utilization.
 
-One training step as the loop runs it: a linear-path batch (``x_t = (1 - t) x0 + t x1``, target
-``x1 - x0``) through the network under bf16 autocast on a GPU (fp32 on the CPU), the velocity
-loss, backward, gradient clipping at 1 and an AdamW step. After ``warmup`` steps, ``steps`` are
-timed (synchronized on CUDA).
+The loop's own optimizer step (:class:`mmfm.train.step.TrainStep`: coupling, times, the network under
+bf16 autocast on a GPU (fp32 on the CPU), the velocity loss, backward, gradient clipping at 1, the fused
+AdamW, the EMA) on random data of the latent's shape, for ``--conditioning none`` (Gaussian source),
+``class`` (1000 labels, dropout 0.1) or ``mode`` (a random ``--modes``-mode GMM source in fp16 with soft
+mode coupling and the adaptive weighting). After ``warmup`` steps, ``steps`` are timed (synchronized on
+CUDA). Then two more steps run under :class:`HostSyncCounter`: ``host_syncs_per_step`` is the number of
+device-to-host reads a step makes, counted (a GPU step never reads back between log steps; the target
+is 0). With ``--compile``, ``graph_breaks`` is ``torch._dynamo.explain``'s count on the network.
 
 ``flops_per_sample`` is counted, not estimated: ``torch.utils.flop_counter.FlopCounterMode`` over
 one forward and backward pass of the same batch (matrix products, convolutions and attention),
@@ -19,11 +23,15 @@ notice naming the device goes to stderr, once per name. The release trains DiTDH
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from mmfm import _checks
 from mmfm.flow.loss import velocity_loss
 from mmfm.models.ditdh import build_ditdh, count_parameters
 
@@ -96,14 +104,6 @@ def device_peak(device: torch.device) -> tuple[str, float | None]:
     return name, peak
 
 
-def _batch(b: int, n: int, c: int, device, generator):
-    x0 = torch.randn(b, n, c, generator=generator).to(device)
-    x1 = torch.randn(b, n, c, generator=generator).to(device)
-    t = torch.rand(b, generator=generator).to(device)
-    tt = t.view(-1, 1, 1)
-    return (1 - tt) * x0 + tt * x1, t, x1 - x0
-
-
 def count_flops(model: torch.nn.Module, batch: tuple, y=None) -> int:
     """FLOPs of one forward + backward pass on ``batch = (x_t, t, target)``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -115,51 +115,146 @@ def count_flops(model: torch.nn.Module, batch: tuple, y=None) -> int:
     return int(counter.get_total_flops())
 
 
+class HostSyncCounter(TorchDispatchMode):
+    """Counts the operators that make the host wait for the device: ``aten._local_scalar_dense`` (behind
+    ``item()``, ``float()``, ``int()``, ``bool()`` of a tensor) and those whose output shape depends on
+    the data (``nonzero``, ``masked_select``, ``unique``, ``bincount``, ...), plus copies to the CPU from
+    another device. Run under :func:`mmfm._checks.as_on_accelerator`, a CPU step counts what the same
+    step on a GPU would."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+               "unique_consecutive", "unique_dim", "bincount", "repeat_interleave", "histc", "is_nonzero", "equal")
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.ops = 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        to_host = name in ("_to_copy", "copy_") and any(
+            isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args[:2]) and \
+            str(kwargs.get("device", args[0].device if name == "copy_" else "")) == "cpu"
+        if name in self.SYNCING or to_host:
+            self.count += 1
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+def graph_breaks(model: torch.nn.Module, *args, **kwargs) -> int:
+    """Graph breaks of ``model(*args, **kwargs)`` under ``torch.compile`` (``torch._dynamo.explain``)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    return int(torch._dynamo.explain(model)(*args, **kwargs).graph_break_count)
+
+
+def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, num_tokens: int, device,
+                compile: bool, conditioning: str, modes: int, seed: int):
+    """The loop's :class:`~mmfm.train.step.TrainStep` over random data: ``(step, inputs, raw model)``.
+
+    ``conditioning`` ``mode``: a random ``modes``-mode spatial GMM source (fp16 means, as the presets) and
+    CLS GMM with soft mode coupling and the adaptive weighting; ``class``: 1000 classes with label dropout
+    0.1; ``none``: the Gaussian source."""
+    from mmfm.flow.couplings import make_coupling
+    from mmfm.flow.path import LinearPath
+    from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
+    from mmfm.flow.time import TimeSampler, shift_factor
+    from mmfm.train.config import TrainConfig
+    from mmfm.train.ema import EMA
+    from mmfm.train.step import TrainStep, make_optimizer
+    from mmfm.train.weighting import AdaptiveModeWeighting
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    labels = {"none": 0, "class": 1000, "mode": modes}[conditioning]
+    model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
+                        num_classes=labels, class_dropout_prob=0.1 if conditioning == "class" else 0.0).to(device)
+    cfg = TrainConfig.from_dict({"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0})
+    optimizer = make_optimizer(model.parameters(), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    ema = EMA(model, 0.9995)
+    weighting = None
+    if conditioning == "mode":
+        w = torch.full((modes,), 1.0 / modes, dtype=torch.float64)
+        means = torch.randn(modes, num_tokens, in_channels, generator=gen).to(device=device, dtype=torch.float16)
+        source = GaussianMixtureSource(w.to(device), means, torch.full((modes,), 0.5, device=device))
+        cls_means = torch.randn(modes, in_channels, generator=gen, dtype=torch.float64)
+        assigner = GaussianMixtureSource(w, cls_means, torch.ones(modes, in_channels, dtype=torch.float64)).to(device)
+        coupling = make_coupling("mode", source, assigner=assigner, assignment="soft")
+        weighting = AdaptiveModeWeighting(modes, warmup_steps=1, device=device)
+    else:
+        coupling = make_coupling("independent", GaussianSource((num_tokens, in_channels)))
+    times = TimeSampler("logit_normal", shift=shift_factor(num_tokens * in_channels))
+    net = torch.compile(model) if compile else model
+    autocast = contextlib.nullcontext
+    if device.type == "cuda":
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    per_rank = batch * accumulation
+    step = TrainStep(model=net, raw=model, optimizer=optimizer, scheduler=scheduler, ema=ema, coupling=coupling,
+                     times=times, path=LinearPath(), generator=torch.Generator(device=device).manual_seed(seed),
+                     global_batch=per_rank, micro=batch, accumulation=accumulation, conditioning=conditioning,
+                     class_dropout_prob=0.1 if conditioning == "class" else 0.0, weighting=weighting,
+                     autocast=autocast, grad_clip=1.0, seed=seed)
+    inputs = {"x1": torch.randn(per_rank, num_tokens, in_channels, generator=gen).to(device),
+              "cls": torch.randn(per_rank, in_channels, generator=gen).to(device) if conditioning == "mode" else None,
+              "label": torch.randint(0, 1000, (per_rank,), generator=gen).to(device) if conditioning == "class"
+              else None}
+    return step, inputs, model
+
+
 def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup: int = 2, in_channels: int = 768,
-                num_tokens: int = 256, device: str | None = None, compile: bool = False, seed: int = 0) -> dict:
+                num_tokens: int = 256, device: str | None = None, compile: bool = False, seed: int = 0,
+                conditioning: str = "none", modes: int = 64, accumulation: int = 1) -> dict:
     """Run the measurement; returns the JSON object ``mmfm bench train`` prints."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    for key, value in (("batch", batch), ("steps", steps)):
+    for key, value in (("batch", batch), ("steps", steps), ("modes", modes), ("accumulation", accumulation)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens).to(device)
-    data = _batch(batch, num_tokens, in_channels, device, gen)
-    flops = count_flops(model, data)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0,
-                            fused=device.type == "cuda")
-    net = torch.compile(model) if compile else model
-    bf16 = device.type == "cuda"
+    if conditioning not in ("none", "class", "mode"):
+        raise ValueError(f"conditioning: expected one of ['class', 'mode', 'none'], got {conditioning!r}")
+    step, inputs, model = _bench_step(preset, batch, accumulation, in_channels, num_tokens, device, compile,
+                                      conditioning, modes, seed)
+    x = inputs["x1"][:batch]
+    t = torch.full((batch,), 0.5, device=device)
+    y = {"none": None, "class": inputs["label"], "mode": torch.zeros(batch, dtype=torch.long, device=device)}[
+        conditioning]
+    y = None if y is None else y[:batch]
+    flops = count_flops(model, (x, t, x), y)
+    breaks = graph_breaks(model, x, t, y) if compile else None
+    at = 0
 
-    def step():
-        x, t, target = data
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = velocity_loss(net(x, t), target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    def run(n: int):
+        nonlocal at
+        out = None
+        for _ in range(n):
+            out = step(inputs["x1"], inputs["cls"], inputs["label"], step=at)
+            at += 1
+        return out
 
-    for _ in range(warmup):
-        step()
+    run(warmup)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
+    out = run(steps)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    if not torch.isfinite(loss):
-        raise ValueError(f"bench train: the loss went non-finite ({loss.item()}) on {preset}")
+    counter = HostSyncCounter()
+    with _checks.as_on_accelerator(), counter:  # not timed: a Python dispatch mode slows every operator
+        run(2)
+    if not bool(out["finite"]):
+        raise ValueError(f"bench train: the loss went non-finite ({float(out['loss'])}) on {preset}")
     name, peak = device_peak(device)
-    sps = batch * steps / seconds
-    return {"preset": preset, "device": name, "batch": batch, "steps": steps, "precision": "bf16" if bf16 else "fp32",
+    per_step = batch * accumulation
+    sps = per_step * steps / seconds
+    fps = flops / batch
+    return {"preset": preset, "device": name, "conditioning": conditioning, "batch": batch,
+            "accumulation": accumulation, "steps": steps, "precision": "bf16" if device.type == "cuda" else "fp32",
             "compile": compile, "parameters": count_parameters(model), "latent": [num_tokens, in_channels],
-            "steps_per_s": steps / seconds, "samples_per_s": sps, "flops_per_sample": flops / batch,
-            "achieved_flops_per_s": flops / batch * sps, "peak_flops_per_s": peak,
-            "mfu": None if peak is None else flops / batch * sps / peak,
+            "optimizer": "AdamW(fused=True), the loop's", "steps_per_s": steps / seconds, "samples_per_s": sps,
+            "flops_per_sample": fps, "achieved_flops_per_s": fps * sps, "peak_flops_per_s": peak,
+            "mfu": None if peak is None else fps * sps / peak,
+            "host_syncs_per_step": counter.count / 2, "host_sync_ops": counter.ops, "graph_breaks": breaks,
             "release_a100_samples_per_s": RELEASE_A100_SAMPLES_PER_S,
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}

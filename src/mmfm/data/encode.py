@@ -14,8 +14,13 @@ and paths) in the shard metadata; ``"fail"`` stops with the path and reason, and
 right after the unflipped row, so that later stages can use method.md §3.3's flip without decoding
 images again.
 
-**Reruns.** A shard whose file exists and records the same settings (encoder, revision, crop,
-normalization, dtype, the shard's images) is not redone.
+**Precision.** The tokenizer runs in its own precision (``encoder.precision``: fp32, or bf16 autocast
+for a transformers encoder, recorded in the shard metadata as ``precision``); its float32 outputs are
+normalized in float32 and only then rounded to the storage ``dtype``: fp32 encoding stored as float16
+is the release's recipe (its training encodes in fp32, method.md §3.4; float16 halves the shards).
+
+**Reruns.** A shard whose file exists and records the same settings (encoder, revision, precision,
+crop, normalization, dtype, the shard's images) is not redone.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ value whose field metadata names the dtype (:func:`tokens_field`). In pandas a r
 
 - ``encoder`` (name) and ``revision``,
 - ``grid`` ``[h, w]`` with ``N = h * w``, ``token_dim`` ``D``, ``cls_dim`` ``Dc``.
+
+``flip`` marks a stored mirror: with ``shards.flip`` every image's row (``flip = false``) is followed
+by the row of its horizontal mirror (``flip = true``, the same ``image_id``). A stage that wants the
+images as encoded only (``gmm.rows`` / ``spatial.rows_from: originals``) reads
+``iter_columns(..., originals=True)``, which filters on that column alone.
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmfm.io import atomic_path
 
 META_KEY = b"mmfm"
+#: The column that marks a stored mirror (``True``) of the image in the row before it (``False``).
+MIRROR_COLUMN = "flip"
+#: Which rows a stage reads: every row, or the originals only (``flip`` false).
+ROW_SETS = ("all", "originals")
 # path strings compress; token and descriptor floats barely do and are read most: stored plain
 COMPRESSION = {"path": "snappy", "image_id": "none", "label": "none", "flip": "none", "cls": "none",
                "tokens": "none"}
@@ -141,14 +151,55 @@ def open_file(path: str | os.PathLike) -> pq.ParquetFile:
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
 
 
-def iter_columns(path: str | os.PathLike, columns: list[str], rows: int = 1024) -> Iterator[dict[str, np.ndarray]]:
-    """Batches of at most ``rows`` rows of ``columns``, in file order, as numpy arrays."""
+def iter_columns(path: str | os.PathLike, columns: list[str], rows: int = 1024, *,
+                 originals: bool = False) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of at most ``rows`` rows of ``columns``, in file order, as numpy arrays.
+
+    With ``originals``, only the rows whose ``flip`` is false: the images as encoded, not the
+    mirrors ``mmfm encode`` stores after them (``shards.flip``). The ``flip`` column is read
+    beside ``columns`` and each Arrow batch is filtered before it becomes numpy (:func:`original_mask`),
+    so no column is read for the sake of the filter and the mirrors' values are copied nowhere;
+    a batch left empty is not yielded. Rows keep their file order."""
     pf = open_file(path)
-    missing = [c for c in columns if c not in pf.schema_arrow.names]
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; it has {pf.schema_arrow.names}")
-    for batch in pf.iter_batches(batch_size=rows, columns=columns):
+        raise ValueError(f"{path}: no column(s) {missing}; it has {names}")
+    if originals and MIRROR_COLUMN not in names:
+        raise ValueError(f"{path}: no {MIRROR_COLUMN!r} column to tell the stored mirrors from the originals "
+                         f"(it has {names}); 'originals' needs shards written by mmfm encode")
+    read = list(columns) + ([MIRROR_COLUMN] if originals and MIRROR_COLUMN not in columns else [])
+    for batch in pf.iter_batches(batch_size=rows, columns=read):
+        if originals:
+            keep = original_mask(batch.column(MIRROR_COLUMN), path)
+            if keep is not None:
+                batch = batch.filter(keep)
+                if not batch.num_rows:
+                    continue
         yield {c: column_array(batch.column(c), batch.schema.field(c), path) for c in columns}
+
+
+def original_mask(flip: pa.Array | pa.ChunkedArray, path) -> pa.Array | None:
+    """The mask of the rows of a ``flip`` column that are not mirrors; ``None`` when no row is a mirror
+    (nothing to filter)."""
+    if not pa.types.is_boolean(flip.type):
+        raise ValueError(f"{path}: column {MIRROR_COLUMN!r} is {flip.type}, expected bool")
+    if flip.null_count:
+        raise ValueError(f"{path}: column {MIRROR_COLUMN!r} has {flip.null_count} null rows")
+    if not pc.any(flip).as_py():
+        return None
+    return pc.invert(flip)
+
+
+def count_originals(path: str | os.PathLike) -> tuple[int, int]:
+    """``(rows, original rows)`` of a shard, from its ``flip`` column alone (all rows without one)."""
+    pf = open_file(path)
+    n = pf.metadata.num_rows
+    if MIRROR_COLUMN not in pf.schema_arrow.names:
+        return n, n
+    flip = pf.read(columns=[MIRROR_COLUMN]).column(MIRROR_COLUMN)
+    original_mask(flip, path)  # the checks
+    return n, n - int(pc.sum(flip).as_py() or 0)
 
 
 def write_shard(

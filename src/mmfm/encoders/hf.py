@@ -188,7 +188,8 @@ class HFTokenizer:
         return {"encoder": self.name, "model": self.path, "revision": self.revision, "image_size": self.image_size,
                 "input_size": self.input_size, "grid": list(self.grid), "patch_size": self.patch_size,
                 "token_dim": self.token_dim, "cls_dim": self.cls_dim, "pixel_mean": list(self.pixel_mean),
-                "pixel_std": list(self.pixel_std), "final_layernorm_affine": False}
+                "pixel_std": list(self.pixel_std), "final_layernorm_affine": False,
+                "precision": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]}
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,11 +1,13 @@
 """Couplings: how a batch of data ``x1`` is paired with source samples ``x0``.
 
-Every coupling is called as ``coupling(x1, descriptor=None, generator=None, share=None) -> (x0, x1, modes)``:
+Every coupling is called as ``coupling(x1, descriptor=None, generator=None, share=None, noise=None) ->
+(x0, x1, modes)``:
 ``x0`` has ``x1``'s shape (float32), ``modes`` is ``(B,)`` int64 (the source mode of each ``x0``) or
 ``None`` for a Gaussian source. ``x1`` is returned in its own order so labels and descriptors that
 travel with it stay aligned. ``share=(rank, world)`` draws the rank's rows of one global draw (see
 :mod:`mmfm.flow.sources`), so the independent and mode couplings give row ``j`` of a global batch the same
-noise however many ranks share it; minibatch OT solves within each rank's rows.
+noise however many ranks share it; minibatch OT solves within each rank's rows. ``noise``: per-row seeds of
+the Gaussian noise (:func:`mmfm.flow.sources.row_noise`), so a rank draws only its own rows' noise.
 
 - :class:`IndependentCoupling` -- ``x0 ~ p`` ignoring ``x1`` (for a mixture, ``k ~ pi``).
 - :class:`ModeCoupling` -- MM-FM (method.md §3.4): ``k ~ r(. | c(x1))`` from the posterior of a
@@ -37,9 +39,9 @@ class IndependentCoupling:
     def __init__(self, source: Source):
         self.source = source
 
-    def __call__(self, x1, descriptor=None, generator=None, share=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None, noise=None):
         x1 = _check_x1(x1, self.source)
-        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share)
+        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share, noise=noise)
         return x0, x1, modes
 
 
@@ -80,10 +82,11 @@ class ModeCoupling:
         # float64: at K = 8192 this is ~3 GFLOP a step, and no TF32 setting can round it
         return mixture.assign(c.to(torch.float64), soft=self.assignment == "soft", generator=generator, share=share)
 
-    def __call__(self, x1, descriptor=None, generator=None, share=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None, noise=None):
         x1 = _check_x1(x1, self.source)
         k = self.modes(x1, descriptor, generator, share)
-        x0, k = self.source.sample(x1.shape[0], modes=k, generator=generator, device=x1.device, share=share)
+        x0, k = self.source.sample(x1.shape[0], modes=k, generator=generator, device=x1.device, share=share,
+                                   noise=noise)
         return x0, x1, k
 
 
@@ -110,9 +113,9 @@ class MinibatchOTCoupling:
         w = np.full(n, 1.0 / n)
         return ot.emd(w, w, cost, numItermax=max(100_000, 50 * n * n))
 
-    def __call__(self, x1, descriptor=None, generator=None, share=None):
+    def __call__(self, x1, descriptor=None, generator=None, share=None, noise=None):
         x1 = _check_x1(x1, self.source)
-        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share)
+        x0, modes = self.source.sample(x1.shape[0], generator=generator, device=x1.device, share=share, noise=noise)
         if x1.shape[0] < 2:
             return x0, x1, modes
         src = torch.from_numpy(self.plan(x0, x1).argmax(axis=0)).to(x0.device)  # x0 row for each x1

@@ -38,20 +38,29 @@ class ArrayRows:
 
 
 class ParquetRows:
-    """A fixed-size-list column (``cls`` by default) of one or more Parquet shards, streamed."""
+    """A fixed-size-list column (``cls`` by default) of one or more Parquet shards, streamed.
 
-    def __init__(self, spec, column: str = "cls"):
+    ``rows="originals"`` keeps only the rows whose ``flip`` column is false, i.e. leaves out the
+    mirrors that ``shards.flip`` stores after each image (the release fitted its CLS mixture on
+    the images alone, method.md §3.2); the filter reads ``flip`` beside the column, never the tokens.
+    """
+
+    def __init__(self, spec, column: str = "cls", rows: str = "all"):
+        if rows not in shards.ROW_SETS:
+            raise ValueError(f"rows: expected one of {list(shards.ROW_SETS)}, got {rows!r}")
         self.paths = shards.resolve(spec)
-        self.column = column
+        self.column, self.rows = column, rows
 
     def chunks(self, rows: int = 65536) -> Iterator[tuple[str, np.ndarray]]:
+        originals = self.rows == "originals"
+        what = "original rows" if originals else "rows"
         for path in self.paths:
             start = 0
-            for batch in shards.iter_columns(path, [self.column], rows=rows):
+            for batch in shards.iter_columns(path, [self.column], rows=rows, originals=originals):
                 x = batch[self.column]
                 if x.ndim != 2:
                     raise ValueError(f"{path}: column {self.column!r} is not a fixed-size list of floats")
-                yield f"{path} rows {start}..{start + len(x) - 1}", x
+                yield f"{path} {what} {start}..{start + len(x) - 1}", x
                 start += len(x)
 
 

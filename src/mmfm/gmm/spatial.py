@@ -11,7 +11,18 @@ A group's shards are read in the order of their names and rows in file order, so
 depend on the order its shards are given in; shard names must be distinct (the reduce tells shards
 apart by name). With ``flip``, each row also contributes its latent grid mirrored along the width
 (the released ``_flip``: the latent is flipped, the image is not re-encoded); ``x_i + flip(x_i)`` is
-formed first, which is exactly mirror-symmetric, so every mean is too. A partial file stores only
+formed first, which is exactly mirror-symmetric, so every mean is too.
+
+**Which rows** (``rows_from``): ``"all"`` counts every row of the shards, so with stored mirrors
+(``shards.flip``) each mirror row is one more sample, in the mode of *its own* CLS descriptor.
+``"originals"`` skips the stored mirrors (``flip`` column true; :func:`mmfm.data.shards.iter_columns`
+filters on that column) and, with ``flip``, adds each original's latent flip into the original's
+mode: the release's statistics (method.md §3.3), which encoded the images without mirrors. For
+original rows ``i`` with hard assignment ``r_ik`` (1 if ``k_i = k``, else 0) and ``flip``::
+
+    n_k = 2 sum_i r_ik,   S_k = sum_i r_ik (x_i + flip(x_i)),   Q_k = sum_i r_ik (||x_i||^2 + ||flip(x_i)||^2)
+
+A partial file stores only
 touched modes: ``modes (M)``, ``counts (M)``, ``sum (M, N, D)``, ``sumsq (M)`` or ``(M, N, D)``, plus
 the CLS weights ``(K)``, all 8-byte (float64 / int64).
 
@@ -29,9 +40,14 @@ of ~10k rows, ~5.8k modes each) would be 2.3 TB.
 
 **Memory of a map job** (:func:`map_memory_bytes`): one partial's accumulators, ``8 M N D (1 + [diag])``
 bytes, held in blocks of modes that are written out and freed one by one (the file never doubles
-them), plus a batch of ``rows`` token grids (3 float64 copies, 4 with ``flip``, 5 with ``flip`` and
-``diag``) and ~1 GB of interpreter and CLS mixture: 15.2 GB for the presets above (set their
-``resources.spatial_stats.mem_mb`` from it). The estimate is within 3% of the peak RSS measured.
+them), plus a batch of ``rows`` shard rows: their token grids in the shard's dtype and ``R`` of them in
+float64 (3 copies, 4 with ``flip``, 5 with ``flip`` and ``diag``), ``R = rows``, or with
+``rows_from="originals"`` on shards that store mirrors ``R = ceil(rows / 2)`` plus the filtered copy
+of those ``R`` in the shard's dtype; and ~1 GB of interpreter and CLS mixture. For the presets above
+(``rows_from="originals"``, ``flip``, float16 shards of mirrors) that is 14.8 GB (15.2 GB counting
+every row without ``flip``); set their ``resources.spatial_stats.mem_mb`` from it. The estimate is
+within 3% of the peak RSS measured. The rows a group holds (originals or all) change only which modes
+are touched, so :func:`partial_bytes` is the same formula in ``M``.
 
 **Reduce** (:func:`spatial_reduce`): partials are summed in a canonical order (sorted by the shards
 they cover, so the order they are given in does not change a bit), in blocks of modes so memory is
@@ -40,7 +56,9 @@ bounded by the block accumulators, straight into the memory-mapped output::
     mu_k = S_k / n_k,   sigma_k^2 = (Q_k / n_k - ||mu_k||^2) / (N D)   (spherical, population, as released)
                         sigma_k^2 = Q_k / n_k - mu_k^2                  (diag)
 
-A shard counted in two partials is refused. Modes no row was assigned to get the global mean and
+A shard counted in two partials is refused, and so are partials of different encoders, ``K``, grids,
+``flip``, ``rows_from``, covariances or CLS mixtures (:data:`_MUST_MATCH`; a partial written before
+``rows_from`` existed counted every row). Modes no row was assigned to get the global mean and
 variance and are counted in the metadata; variances are floored at ``min_variance`` (a mode holding
 one unflipped row has none), also counted. The weights are the CLS mixture's EM weights (as released)
 or the empirical counts. Accumulation runs on the CPU in float64 (deterministic order); only the CLS
@@ -65,7 +83,10 @@ from mmfm.gmm.posterior import hard_labels
 PARTIAL_KIND = "spatial-partial"
 COVARIANCES = ("spherical", "diag")
 # partials must agree on these to be summed
-_MUST_MATCH = ("encoder", "revision", "k", "grid", "token_dim", "flip", "covariance", "cls_gmm")
+_MUST_MATCH = ("encoder", "revision", "k", "grid", "token_dim", "flip", "rows_from", "covariance", "cls_gmm")
+#: What a key of :data:`_MUST_MATCH` means when a partial lacks it (written before the key existed).
+_MISSING = {"rows_from": "all"}
+ROWS_FROM = shards.ROW_SETS
 #: Bytes :func:`partial_bytes` allows for the metadata when it is not given (a group of ~300 shards).
 METADATA_ALLOWANCE = 8192
 _LABEL_ROWS = 4096  # rows of one CLS posterior block (pass 1)
@@ -96,16 +117,30 @@ def partial_bytes(modes: int, num_tokens: int, token_dim: int, covariance: str, 
 
 
 def map_memory_bytes(modes: int, num_tokens: int, token_dim: int, covariance: str, *, k: int,
-                     rows: int = 256, flip: bool = False, shard_itemsize: int = 2) -> int:
+                     rows: int = 256, flip: bool = False, shard_itemsize: int = 2, rows_from: str = "all") -> int:
     """A map job's peak memory (module doc, "Memory of a map job"): the partial's float64 accumulators,
-    one batch of ``rows`` token grids (3 float64 copies, 4 with ``flip``, 5 with ``flip`` and ``diag``, and
-    the shard's ``shard_itemsize``-byte batch) or, in the first pass, a ``4096 x k`` CLS posterior block,
-    and :data:`BASE_BYTES`. Within 3% of the peak RSS measured on 967 modes of 16 x 16 x 768 tokens."""
+    one batch of ``rows`` shard rows (``shard_itemsize`` bytes a value) of which ``R`` are held as float64
+    grids (3 copies, 4 with ``flip``, 5 with ``flip`` and ``diag``) or, in the first pass, a ``4096 x k``
+    CLS posterior block, and :data:`BASE_BYTES`::
+
+        batch = N D (rows * shard_itemsize + R * 8 * copies)                        rows_from = "all", R = rows
+        batch = N D (rows * shard_itemsize + R * (8 * copies + shard_itemsize))     "originals", R = ceil(rows / 2)
+
+    ``"originals"`` assumes shards that store a mirror after every image (``shards.flip``): half of each
+    batch is kept, in a filtered copy. Within 3% of the peak RSS measured on 967 modes of 16 x 16 x 768
+    tokens (``"all"``); the ``"originals"`` batch term within 2% of the anonymous memory measured on float16
+    shards of 16 x 16 x 768 tokens with mirrors."""
+    if rows_from not in ROWS_FROM:
+        raise ValueError(f"rows_from: expected one of {list(ROWS_FROM)}, got {rows_from!r}")
     m, nd = int(modes), int(num_tokens) * int(token_dim)
     diag = covariance == "diag"
     acc = 8 * m * nd * (2 if diag else 1) + (0 if diag else 8 * m)
     copies = 3 + (1 + diag if flip else 0)
-    batch = rows * nd * (8 * copies + shard_itemsize)
+    if rows_from == "all":
+        batch = nd * (rows * shard_itemsize + rows * 8 * copies)
+    else:
+        kept = -(-int(rows) // 2)
+        batch = nd * (rows * shard_itemsize + kept * (8 * copies + shard_itemsize))
     posterior = 3 * 8 * _LABEL_ROWS * int(k)
     return BASE_BYTES + acc + max(batch, posterior)
 
@@ -136,16 +171,24 @@ def spatial_stats(
     flip: bool = False,
     covariance: str = "spherical",
     rows: int = 256,
+    rows_from: str = "all",
     device: str = "cpu",
     progress: bool = False,
 ) -> dict:
     """Write the partial sums of the shards ``shard_spec`` (file, folder, glob or list: one group) to ``out``.
 
-    The shards are read in the order of their names, whatever order they are given in."""
+    The shards are read in the order of their names, whatever order they are given in, ``rows`` shard
+    rows at a time. ``rows_from``: ``"all"`` rows, or ``"originals"`` only (the stored mirrors, ``flip``
+    column true, are skipped; with ``flip`` each original also adds its latent flip into its own mode,
+    as released). See the module doc."""
     from tqdm.auto import tqdm
 
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance: expected one of {list(COVARIANCES)}, got {covariance!r}")
+    if rows_from not in ROWS_FROM:
+        raise ValueError(f"rows_from: expected one of {list(ROWS_FROM)}, got {rows_from!r} "
+                         "(spatial.rows_from in the workflow)")
+    originals = rows_from == "originals"
     paths = sorted(shards.resolve(shard_spec), key=lambda p: (p.name, str(p)))
     for a, b in itertools.pairwise(paths):
         if a.name == b.name:
@@ -157,10 +200,10 @@ def spatial_stats(
     nd = h * w * d
     source = files.load_source(cls_gmm_path, device=device, dtype=torch.float64)
 
-    # pass 1: hard CLS assignment of every row
+    # pass 1: hard CLS assignment of every row counted (all, or the originals)
     labels = []
     for p in paths:
-        for batch in shards.iter_columns(p, ["cls"], rows=_LABEL_ROWS):
+        for batch in shards.iter_columns(p, ["cls"], rows=_LABEL_ROWS, originals=originals):
             labels.append(hard_labels(source, batch["cls"], rows=_LABEL_ROWS, what=f"{p}: column 'cls'"))
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     modes, pos = torch.unique(labels, sorted=True, return_inverse=True)
@@ -175,12 +218,12 @@ def spatial_stats(
               else torch.zeros(m, dtype=torch.float64))
     per_row = 2 if flip else 1
 
-    # pass 2: token sums, in row order
+    # pass 2: token sums, in row order (the same rows as pass 1)
     start = 0
-    total = sum(shards.num_rows(p) for p in paths)
-    bar = tqdm(total=total, desc="spatial stats", unit="row", disable=not progress)
+    shard_rows = sum(shards.num_rows(p) for p in paths)
+    bar = tqdm(total=len(labels), desc="spatial stats", unit="row", disable=not progress)
     for p in paths:
-        for batch in shards.iter_columns(p, ["tokens"], rows=rows):
+        for batch in shards.iter_columns(p, ["tokens"], rows=rows, originals=originals):
             tokens = batch["tokens"]
             if tokens.shape[1] != nd:
                 raise ValueError(f"{p}: tokens have {tokens.shape[1]} values per row, expected {h}x{w}x{d} = {nd}")
@@ -211,12 +254,14 @@ def spatial_stats(
             start += n_b
             bar.update(n_b)
     bar.close()
+    if start != len(labels):  # the two passes read the same rows
+        raise RuntimeError(f"{paths[0]}: pass 2 read {start} rows, pass 1 assigned {len(labels)}")
     counts = torch.bincount(pos, minlength=m).to(torch.int64) * per_row
 
     meta = {
-        "kind": PARTIAL_KIND, **layout, "k": source.num_modes, "flip": flip, "covariance": covariance,
-        "cls_gmm": files.fingerprint(cls_gmm_path), "shards": [p.name for p in paths], "rows": int(start),
-        "modes_touched": m,
+        "kind": PARTIAL_KIND, **layout, "k": source.num_modes, "flip": flip, "rows_from": rows_from,
+        "covariance": covariance, "cls_gmm": files.fingerprint(cls_gmm_path), "shards": [p.name for p in paths],
+        "rows": int(start), "skipped_rows": int(shard_rows - start), "modes_touched": m,
     }
     with io.TensorFile(out, _partial_specs(m, h * w, d, covariance, source.num_modes), meta) as f:
         f["modes"][...] = modes.to(torch.int64).numpy()
@@ -237,7 +282,7 @@ def spatial_stats(
 
 
 def _check_partials(paths: list[Path]) -> list[tuple[Path, dict]]:
-    """Read every partial's metadata; refuse mixes of encoders, K, grids, flips, CLS mixtures."""
+    """Read every partial's metadata; refuse mixes of encoders, K, grids, flips, row sets, CLS mixtures."""
     metas = []
     for p in paths:
         _, meta, _ = io.read_header(p)
@@ -248,8 +293,9 @@ def _check_partials(paths: list[Path]) -> list[tuple[Path, dict]]:
     seen: dict[str, Path] = {}
     for p, meta in metas:
         for key in _MUST_MATCH:
-            if meta.get(key) != ref.get(key):
-                raise ValueError(f"{p}: {key} is {meta.get(key)!r} but {ref_path} has {ref.get(key)!r}; "
+            mine, theirs = meta.get(key, _MISSING.get(key)), ref.get(key, _MISSING.get(key))
+            if mine != theirs:
+                raise ValueError(f"{p}: {key} is {mine!r} but {ref_path} has {theirs!r}; "
                                  "partials of different runs cannot be summed")
         for s in meta["shards"]:
             if s in seen:
@@ -295,8 +341,10 @@ def spatial_reduce(
              "variances": (var_shape, np.float32), "counts": ((k,), np.int64)}
     sidecar = {
         "kind": files.SPATIAL_KIND, "k": k, "grid": [h, w], "token_dim": d, "covariance": cov,
-        "flip": ref["flip"], "encoder": ref["encoder"], "revision": ref["revision"], "cls_gmm": ref["cls_gmm"],
-        "weights_from": weights, "rows": sum(m["rows"] for _, m in metas), "samples": total,
+        "flip": ref["flip"], "rows_from": ref.get("rows_from", _MISSING["rows_from"]), "encoder": ref["encoder"],
+        "revision": ref["revision"], "cls_gmm": ref["cls_gmm"], "weights_from": weights,
+        "rows": sum(m["rows"] for _, m in metas), "skipped_rows": sum(m.get("skipped_rows", 0) for _, m in metas),
+        "samples": total,
         "empty_modes": int(empty.sum()), "min_variance": min_variance, "partials": [p.name for p, _ in metas],
         "shards": sorted(s for _, m in metas for s in m["shards"]),
     }

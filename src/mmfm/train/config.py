@@ -22,10 +22,13 @@ that names the key. Keys (defaults in brackets):
   arguments of ``build_ditdh`` / ``VelocityMLP``);
 - data: ``shuffle`` [True], ``buffer_rows`` [4096];
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
-  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``compile`` [False],
+  ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
+  ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
   ``tensorboard`` [True] (events in ``out_dir/tensorboard`` beside ``metrics.csv``);
 - adaptive per-mode loss weighting (method.md §3.7; GMM source only): ``adaptive_weighting`` [False],
-  ``adaptive_decay`` [0.9995], ``adaptive_warmup_steps`` [78], ``adaptive_gamma`` [2.0],
+  ``adaptive_decay`` [0.9995], ``adaptive_warmup_steps`` [78] optimizer steps (the release counts 2,500
+  per-rank micro-batches: ``floor(2500 / A)`` steps at its accumulation ``A``, 78 at 32, 312 at 8, 1250 at 2;
+  :func:`~mmfm.train.weighting.warmup_steps_from_micro_batches`), ``adaptive_gamma`` [2.0],
   ``adaptive_clamp`` [(0.3, 3.0)] (see :mod:`mmfm.train.weighting`);
 - evaluation: ``eval_every`` [0: off] steps, the Fréchet distance of ``eval_samples`` [512] EMA
   samples (``eval_steps`` [20] Euler steps) to the first ``eval_rows`` [4096] data rows, in ``fd.csv``.
@@ -44,6 +47,7 @@ SOURCES = ("gaussian", "gmm")
 COUPLINGS = ("independent", "mode-soft", "mode-hard", "ot")
 CONDITIONINGS = ("none", "class", "mode")
 PRECISIONS = ("fp32", "bf16")
+SOURCE_PRECISIONS = ("fp32", "fp16", "bf16")
 TIME_DISTS = ("logit_normal", "uniform")
 MODELS = tuple(PRESETS) + ("mlp",)
 
@@ -89,6 +93,7 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     precision: str = "fp32"
+    source_precision: str = "fp32"
     compile: bool = False
     adaptive_weighting: bool = False
     adaptive_decay: float = 0.9995
@@ -171,7 +176,8 @@ class TrainConfig:
                                               and math.isfinite(self.time_shift) and self.time_shift > 0):
             raise ValueError(f"time_shift: expected 'auto' or a positive number, got {self.time_shift!r}")
         for key, choices in (("time_dist", TIME_DISTS), ("source", SOURCES), ("coupling", COUPLINGS),
-                             ("conditioning", CONDITIONINGS), ("precision", PRECISIONS), ("model", MODELS)):
+                             ("conditioning", CONDITIONINGS), ("precision", PRECISIONS), ("model", MODELS),
+                             ("source_precision", SOURCE_PRECISIONS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
         lo_w, hi_w = self.adaptive_clamp

@@ -6,17 +6,26 @@ One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micr
    CLS descriptors ``cls (B, Dc)`` (mode coupling) or the labels ``label (B,)`` (class conditioning);
 2. coupling ``(x0, x1, modes) = coupling(x1, cls)``, times ``t ~ TimeSampler (B,)`` (shifted),
    ``x_t = (1 - t) x0 + t x1``, target ``u = x1 - x0`` (paper convention, t = 0 is the source). Every
-   rank draws from one ``torch.Generator`` seeded by ``seed`` alone, as if for the whole global batch,
-   and keeps its own rows (``share=(rank, world)``): row ``j`` of a global batch gets the same noise,
-   mode and time on 1 or on 8 ranks, and the accumulation split changes no draw, only how the batch is
-   cut. (Which data rows form a global batch does depend on the number of ranks: each rank streams its
+   rank draws modes, times and label dropout from one ``torch.Generator`` seeded by ``seed`` alone, as if
+   for the whole global batch, and keeps its own rows (``share=(rank, world)``); the Gaussian noise of
+   global row ``j`` comes from its own seed (:func:`mmfm.train.step.noise_seeds`), so a rank draws only
+   its rows' noise. Row ``j`` of a global batch gets the same noise, mode and time on 1 or on 8 ranks,
+   and the accumulation split changes no draw, only how the batch is cut. (Which data rows form a global batch does depend on the number of ranks: each rank streams its
    own contiguous part of the epoch, :mod:`mmfm.data.stream`, reading 1/world of the data.)
 3. ``accumulation`` micro-steps of ``micro`` rows: forward (bf16 autocast on CUDA when asked), loss
    ``velocity_loss * micro / B`` (the per-rank mean), backward (DDP ``no_sync`` on all but the last);
    With ``adaptive_weighting`` the per-sample losses are weighted by their mode's
    :class:`~mmfm.train.weighting.AdaptiveModeWeighting` (method.md §3.7), updated after the step;
-4. clip the gradient norm, AdamW step, LR scheduler step (``LambdaLR`` with
-   :meth:`~mmfm.train.schedule.LRSchedule.factor`), EMA update with the decay of this step.
+4. clip the gradient norm, fused AdamW step (skipped on the device when the loss or the norm is not
+   finite), LR scheduler step (``LambdaLR`` with :meth:`~mmfm.train.schedule.LRSchedule.factor`), EMA
+   update with the decay of this step.
+
+Steps 2-4 are :class:`~mmfm.train.step.TrainStep`. The GPU never waits for the host: the next batches
+are read, shuffled, checked (finite tokens, labels in range) and pinned by a background thread
+(:class:`~mmfm.data.prefetch.Prefetch`), tokens cross as float16 with ``non_blocking`` and are converted
+on the device, and nothing is read back from the device between log steps: the losses, gradient norms
+and finiteness flags of the steps since the last read are fetched together (one host sync) at each log
+step, evaluation, checkpoint and stop. The stop-signal vote runs over a gloo group on host tensors.
 
 The velocity network sees ``y = modes`` (mode conditioning), ``y = label`` (class conditioning, with a
 dropout mask drawn from the same generator for CFG) or nothing.
@@ -25,8 +34,10 @@ Resume: every ``checkpoint_every`` steps (and at the end) the model, EMA, AdamW,
 stream's position, every rank's generators and the config go to ``out_dir/step-XXXXXXX`` through
 :func:`~mmfm.train.checkpoint.save_checkpoint`; ``train(..., resume=True)`` continues from the latest one,
 bit for bit on the CPU. SIGTERM / SIGUSR1 finish the step, checkpoint and raise
-:class:`TrainingInterrupted` (``exit_code = 128 + signum``); a non-finite loss or gradient raises
-:class:`NonFiniteLoss` before the bad update is applied, leaving the last checkpoint as it is.
+:class:`TrainingInterrupted` (``exit_code = 128 + signum``). A non-finite loss or gradient norm is never
+applied (the fused AdamW skips it on the device); it raises :class:`NonFiniteLoss`, naming that step, at
+the next read-back (at most ``log_every`` steps later), always before a checkpoint could be written, so
+the last checkpoint is the last good state.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import functools
 import logging
 import math
 import signal
@@ -47,9 +59,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmfm.data.prefetch import Prefetch, to_device
 from mmfm.data.stream import ShardStream
 from mmfm.flow.couplings import make_coupling
-from mmfm.flow.loss import velocity_loss
 from mmfm.flow.path import LinearPath
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler
@@ -60,6 +72,7 @@ from mmfm.train.config import TrainConfig
 from mmfm.train.ema import EMA
 from mmfm.train.evaluate import FDLog, fd_of_model, reference_stats
 from mmfm.train.schedule import derive_batch
+from mmfm.train.step import TrainStep, make_optimizer
 from mmfm.train.weighting import AdaptiveModeWeighting
 
 log = logging.getLogger(__name__)
@@ -111,13 +124,23 @@ def build_model(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: i
                                   class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides)
 
 
+SOURCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def build_source(cfg: TrainConfig, event_shape: tuple[int, int], device) -> GaussianSource | GaussianMixtureSource:
-    """``N(0, I)`` or the spatial GMM of ``cfg.gmm`` (means ``(K, N, D)``), checked against the data's shape."""
+    """``N(0, I)`` or the spatial GMM of ``cfg.gmm`` (means ``(K, N, D)``, held in ``cfg.source_precision``;
+    the variances stay float32), checked against the data's shape."""
     if cfg.source == "gaussian":
         return GaussianSource(event_shape)
     from mmfm.gmm.files import load_source
 
-    src = load_source(cfg.gmm, device=device)
+    dtype = SOURCE_DTYPES[cfg.source_precision]
+    src = load_source(cfg.gmm, device="cpu")  # checked on the host, then moved (no device read)
+    if dtype != torch.float32 and bool((src.means.abs() > torch.finfo(dtype).max).any()):
+        raise ValueError(f"source_precision: {cfg.source_precision} cannot hold the means of {cfg.gmm} (largest "
+                         f"|mean| {float(src.means.abs().max()):.4g}); use fp32")
+    src = GaussianMixtureSource(src.weights.to(device), src.means.to(device=device, dtype=dtype),
+                                src.variances.to(device))
     if tuple(src.event_shape) != tuple(event_shape):
         raise ValueError(f"gmm: {cfg.gmm} has means of event shape {src.event_shape}, the shards' tokens "
                          f"{tuple(event_shape)}; is it the spatial GMM of these shards?")
@@ -219,6 +242,44 @@ class _Metrics:
             self.writer.close()
 
 
+class _Pending:
+    """Device tensors of the steps not yet read back: one host sync per read, at log and checkpoint steps."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, step: int, out: dict) -> None:
+        self.steps.append(step)
+        self.values.append(torch.stack([out["loss"].float(), out["grad_norm"].float(), out["finite"].float()]))
+
+    def read(self) -> list[tuple[int, float, float, bool]]:
+        """``(step, loss, grad norm, finite)`` of each pending step, in order; empties the list."""
+        if not self.values:
+            return []
+        rows = torch.stack(self.values).cpu().tolist()
+        out = [(s, loss, norm, bool(ok)) for s, (loss, norm, ok) in zip(self.steps, rows)]
+        self.steps, self.values = [], []
+        return out
+
+
+def _control_group(distributed: bool):
+    """The process group of the stop-signal vote: gloo (host tensors) beside an NCCL default group, so the
+    vote never waits for the GPU; the default group when it is gloo already; ``None`` on one process."""
+    if not distributed:
+        return None
+    return dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+
+
+def _vote(signum: int | None, group) -> int | None:
+    """The largest signal number any rank received (all ranks stop at the same step), or ``None``."""
+    if group is None:
+        return signum
+    s = torch.tensor([signum or 0])
+    dist.all_reduce(s, op=dist.ReduceOp.MAX, group=group)
+    return int(s) or None
+
+
 def _flops_per_sample(raw: nn.Module, num_tokens: int, token_dim: int, conditional: bool, device) -> float:
     """Forward + backward FLOPs of one sample, counted by torch's ``FlopCounterMode`` on two rows."""
     from mmfm.bench.train import count_flops
@@ -248,7 +309,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     process)}``.
 
     Raises :class:`TrainingInterrupted` after SIGTERM / SIGUSR1 (checkpoint written) and
-    :class:`NonFiniteLoss` on a non-finite loss or gradient norm (no update, no checkpoint).
+    :class:`NonFiniteLoss` on a non-finite loss or gradient norm (that update skipped, raised at the next
+    log step, no checkpoint after it).
     Under ``torch.distributed`` every rank calls this; rank 0 writes the files.
     """
     from tqdm.auto import tqdm
@@ -288,16 +350,15 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     torch.manual_seed(cfg.seed)  # model initialization (identical on every rank)
     raw = build_model(cfg, num_tokens, token_dim, num_labels).to(device)
     raw.train()
-    optimizer = torch.optim.AdamW(raw.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(raw.parameters(), cfg)
     lr_schedule = cfg.lr_schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
     ema = EMA(raw, cfg.ema_schedule())
     gen = torch.Generator(device=device).manual_seed(derived_seed(cfg.seed))  # the same on every rank
-    share, rows = (rank, world), slice(rank * per_rank, (rank + 1) * per_rank)
     generators = {"train": gen}
     weighting = (AdaptiveModeWeighting(source.num_modes, cfg.adaptive_decay, cfg.adaptive_warmup_steps,
-                                       cfg.adaptive_gamma, cfg.adaptive_clamp) if cfg.adaptive_weighting else None)
+                                       cfg.adaptive_gamma, cfg.adaptive_clamp, device=device)
+                 if cfg.adaptive_weighting else None)
 
     # ---- resume
     step, resumed_from = 0, None
@@ -315,17 +376,26 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 
     model: nn.Module = torch.compile(raw) if cfg.compile else raw
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    autocast = contextlib.nullcontext()
+        # gradients as views of DDP's buckets: no second copy of them (2.7 GB for DiTDH-XL)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True)
+    autocast = contextlib.nullcontext
     if cfg.precision == "bf16":
         if device.type == "cuda":
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+            autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
         else:
             warnings.warn("precision bf16: autocast is used on CUDA only; training in fp32 on the CPU", stacklevel=2)
-    params = [p for p in raw.parameters() if p.requires_grad]
+    train_step = TrainStep(model=model, raw=raw, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                           coupling=coupling, times=times, path=path, generator=gen,
+                           global_batch=cfg.global_batch, micro=micro, accumulation=accum, rank=rank, world=world,
+                           conditioning=cfg.conditioning, class_dropout_prob=cfg.class_dropout_prob,
+                           weighting=weighting, autocast=autocast, grad_clip=cfg.grad_clip, seed=cfg.seed)
+    control = _control_group(distributed)  # the stop-signal vote: host tensors, no GPU sync
+
+    stream_state = stream.state_dict()  # the position after the last batch consumed
 
     def extra_state() -> dict:
-        extra = {"stream": stream.state_dict()}
+        extra = {"stream": stream_state}
         if weighting is not None:
             extra["adaptive_weighting"] = weighting.state_dict()
         return extra
@@ -357,66 +427,40 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
         peak = device_peak(device)[1]
         flops = _flops_per_sample(raw, num_tokens, token_dim, cfg.conditioning != "none", device) if peak else None
     losses: list[float] = []
+    pending = _Pending()  # steps whose loss, norm and finiteness have not been read back yet
     flag: dict = {}
-    batches = stream.forever()
+    batches = Prefetch(stream, pin=device.type == "cuda",
+                       num_labels=cfg.num_classes if cfg.conditioning == "class" else None)
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
     window_t, window_steps = time.perf_counter(), 0
     saved_at = step if ckpt is not None else None
+
+    def settle() -> tuple[float, float]:
+        """Read the pending steps back (one host sync); raise NonFiniteLoss at the first non-finite one."""
+        values = pending.read()
+        for at, loss_value, norm_value, ok in values:
+            if not ok:
+                raise NonFiniteLoss(at, loss_value, norm_value, last_ckpt)
+        losses.extend(v[1] for v in values)
+        return (values[-1][1], values[-1][2]) if values else (math.nan, math.nan)
+
     try:
         with _stop_signals(flag):
             while step < stop:
-                batch = next(batches)
-                x1 = batch["tokens"].to(device=device, dtype=torch.float32)
-                cls = batch["cls"].to(device=device, dtype=torch.float32) if "cls" in batch else None
-                x0, x1, modes = coupling(x1, descriptor=cls, generator=gen, share=share)
-                t = times(cfg.global_batch, generator=gen, device=device)[rows]
-                xt, u = path.sample(x0, x1, t)
-                cond = {}
-                if cfg.conditioning == "mode":
-                    cond["y"] = modes
-                elif cfg.conditioning == "class":
-                    cond["y"] = batch["label"].to(device=device, dtype=torch.long)
-                    if cfg.class_dropout_prob > 0:
-                        drop = torch.rand(cfg.global_batch, generator=gen, device=device)[rows] < cfg.class_dropout_prob
-                        cond["drop"] = drop
-
-                mode_weights = weighting.weights(modes) if weighting is not None else None
-                per_sample = []
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum = torch.zeros((), device=device)
-                for i in range(accum):
-                    sl = slice(i * micro, (i + 1) * micro)
-                    sync = contextlib.nullcontext() if not distributed or i == accum - 1 else model.no_sync()
-                    with sync:
-                        with autocast:
-                            v = model(xt[sl], t[sl], **{k: c[sl] for k, c in cond.items()})
-                        if mode_weights is None:
-                            loss = velocity_loss(v, u[sl]) * (micro / per_rank)
-                        else:
-                            plain = velocity_loss(v, u[sl], reduction="none")
-                            per_sample.append(plain.detach())
-                            loss = (plain * mode_weights[sl]).mean() * (micro / per_rank)
-                        loss.backward()
-                    loss_sum += loss.detach()
-                if distributed:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                loss_value, norm_value = float(loss_sum), float(grad_norm)
-                if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                    raise NonFiniteLoss(step, loss_value, norm_value, last_ckpt)
-                if weighting is not None:
-                    weighting.update(modes, torch.cat(per_sample))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                ema.update(raw, step)
+                batch, state = next(batches)
+                x1 = to_device(batch["tokens"], device, torch.float32)
+                cls = to_device(batch["cls"], device, torch.float32) if "cls" in batch else None
+                label = to_device(batch["label"], device, torch.long) if "label" in batch else None
+                out = train_step(x1, cls, label, step=step)
+                pending.add(step, out)
+                stream_state = state
+                lr = out["lr"]
                 step += 1
                 window_steps += 1
-                losses.append(loss_value)
                 bar.update(1)
 
                 if step % cfg.log_every == 0 or step == stop:
+                    loss_value, norm_value = settle()
                     now = time.perf_counter()
                     rate = window_steps * cfg.global_batch / max(now - window_t, 1e-9)
                     mfu = f"{rate * flops / (world * peak):.4g}" if peak else ""
@@ -425,19 +469,20 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                     bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.3g}")
                     window_t, window_steps = now, 0
                 if evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    settle()
                     evaluate(step)
                 if step % cfg.checkpoint_every == 0:
+                    settle()  # a checkpoint never holds a non-finite step
                     last_ckpt, saved_at = checkpoint(step), step
-                signum = flag.get("signum")
-                if distributed:
-                    s = torch.tensor([signum or 0], device=device)
-                    dist.all_reduce(s, op=dist.ReduceOp.MAX)
-                    signum = int(s) or None
+                signum = _vote(flag.get("signum"), control)
                 if signum:
+                    settle()
                     if saved_at != step:
                         last_ckpt, saved_at = checkpoint(step), step
                     raise TrainingInterrupted(step, signum, last_ckpt)
+            settle()
     finally:
+        batches.close()
         bar.close()
         metrics.close()
 
