@@ -10,8 +10,9 @@ One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micr
    for the whole global batch, and keeps its own rows (``share=(rank, world)``); the Gaussian noise of
    global row ``j`` comes from its own seed (:func:`mmfm.train.step.noise_seeds`), so a rank draws only
    its rows' noise. Row ``j`` of a global batch gets the same noise, mode and time on 1 or on 8 ranks,
-   and the accumulation split changes no draw, only how the batch is cut. (Which data rows form a global batch does depend on the number of ranks: each rank streams its
-   own contiguous part of the epoch, :mod:`mmfm.data.stream`, reading 1/world of the data.)
+   and the accumulation split changes no draw, only how the batch is cut. (Which data rows form a
+   global batch does depend on the number of ranks: each rank streams its own contiguous part of the
+   epoch, :mod:`mmfm.data.stream`, reading 1/world of the data.)
 3. ``accumulation`` micro-steps of ``micro`` rows: forward (bf16 autocast on CUDA when asked), loss
    ``velocity_loss * micro / B`` (the per-rank mean), backward (DDP ``no_sync`` on all but the last);
    With ``adaptive_weighting`` the per-sample losses are weighted by their mode's
