@@ -2,6 +2,8 @@
 and readers of what a run writes. Imported as ``toyrun`` (pytest's ``pythonpath`` holds tests/)."""
 
 import csv
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,3 +108,13 @@ def tiny_sampler(folder):
                              "means": 3 * torch.randn(3, 16, 12, generator=g).numpy(),
                              "variances": (torch.rand(3, generator=g) + 0.2).numpy()})
     return model, source
+
+
+def standin_tree(preset, root):
+    """``workflow/scripts/standin_tree.py``'s ``build(preset, root)``: a preset's artifacts as empty stand-ins."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+    try:
+        from standin_tree import build
+    finally:
+        sys.path.pop(0)
+    return build(preset, root)

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from toyrun import standin_tree
 import yaml
 
 from mmfm.plan import dag
@@ -61,12 +62,7 @@ def test_a_guide_only_run_and_groups_follow_the_dag(tmp_path):
 @pytest.mark.parametrize("preset", PRESETS[:1], ids=[p.stem for p in PRESETS[:1]])
 def test_preset_jobs_equal_snakemakes(preset, tmp_path):
     """The full ImageNet DAG over a stand-in artifact tree (workflow/scripts/standin_tree.py)."""
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        from standin_tree import build
-    finally:
-        sys.path.pop(0)
-    build(preset, tmp_path)
+    standin_tree(preset, tmp_path)
     assert planned_counts(preset, tmp_path) == dry_run_counts(tmp_path, "--configfile", str(preset))
 
 

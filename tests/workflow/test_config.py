@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 from pathlib import Path
 
 import pytest
+from toyrun import standin_tree
 import yaml
 
 from mmfm import config as mc
@@ -129,12 +129,7 @@ def test_presets_validate_and_point_at_artifacts(preset, tmp_path):
     assert problems(cfg) == []
     with pytest.raises(mc.ConfigError, match="does not exist"):  # nothing there yet: names the key
         mc.check(copy.deepcopy(cfg), tmp_path)
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        from standin_tree import build
-    finally:
-        sys.path.pop(0)
-    made = build(preset, tmp_path)
+    made = standin_tree(preset, tmp_path)
     assert {a.key for a in mc.artifacts(cfg)} >= {"data.images", "encoder.path", "encoder.norm_stats", "decoder.path",
                                                   "eval.reference", "eval.inception"}
     assert all(p.exists() for p in made)

@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from toyrun import standin_tree
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,12 +178,7 @@ def test_preset_missing_artifact_is_named(tmp_path):
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_preset_lists_the_full_dag(preset, tmp_path):
-    sys.path.insert(0, str(ROOT / "workflow" / "scripts"))
-    try:
-        from standin_tree import build
-    finally:
-        sys.path.pop(0)
-    build(preset, tmp_path)
+    standin_tree(preset, tmp_path)
     cfg = yaml.safe_load(preset.read_text())
     rules = Counter(r for r, _ in planned(tmp_path, "--configfile", str(preset)))
     shards, runs = cfg["shards"]["num_shards"], cfg["runs"]

@@ -101,7 +101,7 @@ class TrainStep:
         xt, t, u, cond, modes = self.draw(x1, cls, label, step)
         micro, per_rank = self.micro, self.per_rank
         mode_weights = self.weighting.weights(modes) if self.weighting is not None else None
-        per_sample = []
+        per_sample, per_modes = [], []  # of the micro-batches run (a memory trace runs two)
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=x1.device)
         for i in self.micro_batches():
@@ -117,6 +117,7 @@ class TrainStep:
                 else:
                     plain = velocity_loss(v, u[sl], reduction="none")
                     per_sample.append(plain.detach())
+                    per_modes.append(modes[sl])
                     loss = (plain * mode_weights[sl]).mean() * (micro / per_rank)
                 loss.backward()
             loss_sum += loss.detach()
@@ -127,10 +128,7 @@ class TrainStep:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else math.inf)
         finite = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         if self.weighting is not None:
-            ran = list(self.micro_batches())
-            if len(ran) < self.accumulation:  # a memory trace: the modes of the micro-batches that ran
-                modes = torch.cat([modes[i * micro:(i + 1) * micro] for i in ran])
-            self.weighting.update(modes, torch.cat(per_sample), finite=finite)
+            self.weighting.update(torch.cat(per_modes), torch.cat(per_sample), finite=finite)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
