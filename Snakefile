@@ -10,11 +10,13 @@
 #   snakemake --cores 2                                   # the embedded digits demo (config.yaml)
 #   snakemake --configfile workflow/presets/imagenet256-dinov2.yaml --profile profiles/slurm
 #   snakemake --report results/report.html
+#   snakemake --cores 2 --configfile mine.yaml --config results_dir=results-mine   # beside the demo's results/
 
 import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import min_version, update_config, validate
 
 min_version("9.0")
@@ -48,6 +50,8 @@ try:
     mc.check(config)
 except mc.ConfigError as err:
     raise WorkflowError(f"invalid config: {err}") from None
+for warning in mc.disk_warnings(config):
+    logger.warning(f"warning: {warning}")
 
 
 report: "workflow/report/workflow.rst"
@@ -76,5 +80,5 @@ localrules:
 
 rule all:
     input:
-        "results/summary.json",
+        f"{RESULTS}/summary.json",
     default_target: True

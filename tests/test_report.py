@@ -213,3 +213,45 @@ def test_summary_table(tmp_path, runs):
     assert rows["mode"]["steps_ratio"] == "2.0" and rows["never"]["steps_to_baseline_final"] == ""
     page = report.summary_table(s, tmp_path / "runs.html").read_text()
     assert "<td>mode</td>" in page and "30× fewer training steps" in page
+
+
+def test_summary_and_report_show_the_bad_images(tmp_path, runs):
+    """summary.json's ``data`` and the summary page count the images encoded and name the first bad ones,
+    from the shards' metadata (encoded here with a bad file of each kind over two shards)."""
+    import numpy as np
+
+    from mmfm.data import shards
+    from mmfm.data.encode import encode_folder
+    from mmfm.encoders import PixelTokenizer
+
+    folder = tmp_path / "img"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (folder / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"c{c}" / f"{i}.png")
+    (folder / "c0" / "broken.png").write_bytes(b"not a png")
+    (folder / "c1" / "notes.xyz").write_text("?")
+    (folder / "c1" / "z.gif").write_bytes(b"GIF89a")  # truncated
+    paths = [tmp_path / "shards" / f"shard-{i}.parquet" for i in range(2)]
+    for i, p in enumerate(paths):
+        encode_folder(folder, p, PixelTokenizer(image_size=8), shard=i, num_shards=2, flip=True, progress=False)
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json", shards=paths)
+    data = json.loads((tmp_path / "s.json").read_text())["data"]
+    assert data == s["data"] and data["images"] == 8 and data["bad_images"] == 3
+    assert [e["path"].rsplit("/", 2)[-2:] for e in data["bad_examples"]] == [["c0", "broken.png"], ["c1", "notes.xyz"],
+                                                                              ["c1", "z.gif"]]
+    assert "unsupported extension '.xyz'" in data["bad_examples"][1]["reason"]
+    assert all(e["reason"] for e in data["bad_examples"])
+    few = report.read_images(paths, examples=2)
+    assert few["bad_images"] == 3 and len(few["bad_examples"]) == 2
+    page = report.summary_table(s, tmp_path / "runs.html").read_text()
+    assert "Images: 8 encoded, 3 bad left out (" in page and "broken.png: " in page and "notes.xyz" in page
+    assert "1 more in the shards" in report.images_line(few)
+    # shards of another tool (no bad-image record) count their original rows and no bad image
+    other = tmp_path / "other.parquet"
+    shards.write_shard(other, {"flip": np.array([False, True, False]), "cls": np.zeros((3, 2), np.float32)}, {})
+    assert report.read_images([other]) == {"images": 2, "bad_images": 0, "bad_examples": []}
+    with pytest.raises(FileNotFoundError, match="missing.parquet: no such file"):
+        report.read_images([tmp_path / "missing.parquet"])
+    assert report.summarize(runs, baseline="gauss", out=tmp_path / "t.json")["data"] is None

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -177,3 +179,163 @@ def test_network_precision_bf16_is_recorded_and_close_to_fp32(tmp_path, capsys):
     assert NetworkPrecision(Probe(), "fp32")(x, torch.rand(2)).dtype == torch.float32
     with pytest.raises(ValueError, match="precision: expected one of"):
         NetworkPrecision(Probe(), "fp16")
+
+
+# ------------------------------------------------------------------------------------------ self-describing exports
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    """A tiny real run on ``pixels`` tokens (8 x 8 images, patch 2: 16 tokens of width 12), normalized, with a
+    3-mode spatial GMM source: ``(root, shard, ema.safetensors, gmm, norm stats)``."""
+    from mmfm import io
+    from mmfm.data.encode import encode_folder
+    from mmfm.encoders.normalization import load_norm_stats, save_norm_stats
+    from mmfm.train.loop import train
+
+    root = tmp_path_factory.mktemp("pixel-run")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "images" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "images" / c / f"{i}.png")
+    stats = root / "norm.safetensors"
+    save_norm_stats(stats, rng.uniform(0.2, 0.5, (16, 12)), rng.uniform(-0.1, 0.1, (16, 12)), {})
+    shard = root / "shards" / "shard-0.parquet"
+    encode_folder(root / "images", shard, PixelTokenizer(image_size=8, patch_size=2), norm=load_norm_stats(stats),
+                  dtype="float32", progress=False)
+    gmm_file = root / "spatial.safetensors"
+    g = torch.Generator().manual_seed(1)
+    io.save_tensors(gmm_file, {"weights": np.array([0.5, 0.3, 0.2]),
+                               "means": torch.randn(3, 16, 12, generator=g).numpy(),
+                               "variances": np.full(3, 0.5, np.float32)}, {"kind": "spatial-gmm"})
+    cfg = dict(model="mlp", model_overrides={"hidden": 32, "depth": 1}, source="gmm", gmm=str(gmm_file),
+               global_batch=8, micro_batch_max=8, steps=2, checkpoint_every=2, log_every=1, buffer_rows=8, seed=0)
+    res = train(cfg, root / "shards", root / "run", progress=False, device="cpu")
+    return root, shard, res["ema"], gmm_file, stats
+
+
+def test_the_export_records_the_shards_tokenizer_and_the_source(pixel_run):
+    from mmfm.data import shards
+    from mmfm.models.velocity import read_metadata, source_fingerprint
+
+    root, shard, ema, gmm_file, stats = pixel_run
+    meta, sh = read_metadata(ema), shards.read_metadata(shard)
+    assert meta["tokenizer"] == {
+        "name": sh["encoder"], "path": None, "revision": sh["revision"], "image_size": sh["input_size"],
+        "grid": sh["grid"], "token_dim": sh["token_dim"], "patch_size": sh["patch_size"], "pool": sh["pool"],
+        "precision": "fp32", "normalization": sh["normalization"], "decoder": "exact"}
+    rec = meta["tokenizer"]
+    assert (rec["name"], rec["grid"], rec["token_dim"], rec["patch_size"]) == ("pixels", [4, 4], 12, 2)
+    assert meta["tokenizer"]["normalization"]["file"] == str(stats) and len(sh["normalization"]["sha256"]) == 16
+    assert meta["source"] == {"kind": "gmm", "file": str(gmm_file), "shape": [3, 16, 12],
+                              "bytes": gmm_file.stat().st_size, "sha256": source_fingerprint(gmm_file)["sha256"]}
+
+
+def test_the_model_alone_samples_and_agreeing_flags_change_nothing(pixel_run, tmp_path, capsys):
+    import json
+
+    from mmfm.cli import main
+
+    root, shard, ema, gmm_file, stats = pixel_run
+    common = ["sample", "--model", str(ema), "--n", "3", "--steps", "2", "--json"]
+    assert main(common + ["--out", str(tmp_path / "alone.npz")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["image_shape"] == [8, 8, 3]
+    flags = ["--encoder", "pixels", "--patch-size", "2", "--image-size", "8", "--precision", "fp32",
+             "--source", str(gmm_file), "--norm-stats", str(stats)]  # what workflow/scripts/sample.py passes
+    assert main(common + flags + ["--out", str(tmp_path / "flags.npz")]) == 0
+    with np.load(tmp_path / "alone.npz") as a, np.load(tmp_path / "flags.npz") as b:
+        assert a["arr_0"].shape == (3, 8, 8, 3) and np.array_equal(a["arr_0"], b["arr_0"])
+        assert json.loads(str(a["meta"]))["source"] == str(gmm_file)  # the recorded source was used
+    # the statistics matter, so "alone" equal to "flags" means the recorded ones were undone
+    from mmfm.encoders.normalization import load_norm_stats
+
+    z = torch.randn(2, 16, 12)
+    assert not np.array_equal(decode_latents(PixelTokenizer(), z, load_norm_stats(stats)),
+                              decode_latents(PixelTokenizer(), z))
+
+
+def _no_sampling(monkeypatch):
+    """Record every call of the ODE sampler (none may happen when a check fails)."""
+    import mmfm.sample as sample_module
+
+    calls = []
+    monkeypatch.setattr(sample_module, "sample_latents", lambda *a, **k: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("flags, names", [
+    (["--encoder", "pixels", "--patch-size", "4"], ["the model takes (16, 12) tokens", "pixels (patch 4)",
+                                                     "gives (4, 48)", "it records pixels (patch 2)"]),
+    (["--source", "{other_gmm}"], ["{other_gmm}", "(K, N, D) = (3, 4, 48)", "takes (16, 12) tokens"]),
+    (["--norm-stats", "{other_norm}"], ["{other_norm}", "normalization statistics", "norm.safetensors"]),
+    (["--encoder", "dinov2"], ["dinov2 tokenizer needs its RAE decoder", "--decoder"]),
+], ids=["patch", "gmm", "norm", "decoder"])
+def test_a_mismatch_fails_before_any_ode_step_naming_the_file_and_both_shapes(pixel_run, tmp_path, capsys,
+                                                                            monkeypatch, flags, names):
+    from mmfm import io
+    from mmfm.cli import main
+    from mmfm.encoders.normalization import save_norm_stats
+
+    root, shard, ema, gmm_file, stats = pixel_run
+    other_gmm, other_norm = tmp_path / "other-gmm.safetensors", tmp_path / "other-norm.safetensors"
+    io.save_tensors(other_gmm, {"weights": np.full(3, 1 / 3), "means": np.zeros((3, 4, 48), np.float32),
+                                "variances": np.ones(3, np.float32)})
+    save_norm_stats(other_norm, np.ones((16, 12)), None, {})
+    subst = {"{other_gmm}": str(other_gmm), "{other_norm}": str(other_norm)}
+    calls = _no_sampling(monkeypatch)
+    args = ["sample", "--model", str(ema), "--out", str(tmp_path / "x.npz"), "--n", "2", "--steps", "2"]
+    assert main(args + [subst.get(f, f) for f in flags]) == 2
+    err = capsys.readouterr().err
+    for name in [str(ema)] + [subst.get(n, n) for n in names]:
+        assert name in err, (name, err)
+    assert calls == [] and not (tmp_path / "x.npz").exists()
+
+
+def test_a_tokenizer_of_the_right_shape_but_another_kind_is_refused(pixel_run, tmp_path, monkeypatch):
+    from mmfm.sample import sample_run
+
+    class Other(PixelTokenizer):
+        name = "other"
+
+    root, shard, ema, gmm_file, stats = pixel_run
+    calls = _no_sampling(monkeypatch)
+    with pytest.raises(ValueError, match=r"trained on pixels \(patch 2\) tokens, decoded with other: name 'pixels'"):
+        sample_run(ema, tmp_path / "x.npz", Other(image_size=8, patch_size=2), n=2, steps=1)
+    assert calls == []
+
+
+def test_a_guide_of_other_inputs_is_refused_before_sampling(pixel_run, tmp_path, monkeypatch):
+    from mmfm.sample import sample_run
+
+    root, shard, ema, gmm_file, stats = pixel_run
+    guide, _ = tiny_sampler(tmp_path)  # mode-conditional, no record
+    calls = _no_sampling(monkeypatch)
+    msg = f"{guide}: the guide must take the inputs of {ema} ('none', (16, 12)) (conditioning, tokens), it takes " \
+          "('mode', (16, 12), 3)"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        sample_run(ema, tmp_path / "x.npz", guide=guide, guidance_scale=1.5, n=2, steps=1)
+    assert calls == []
+
+
+def test_an_export_without_the_record_needs_the_flags(tmp_path, capsys, monkeypatch):
+    from mmfm.cli import main
+    from mmfm.models.velocity import read_metadata
+    from mmfm.sample import resolve_source
+
+    model, source = tiny_sampler(tmp_path)  # an imported release: no tokenizer, no source recorded
+    assert "tokenizer" not in read_metadata(model)
+    calls = _no_sampling(monkeypatch)
+    assert main(["sample", "--model", str(model), "--source", str(source), "--out", str(tmp_path / "x.npz")]) == 2
+    assert f"{model}: the export does not record its tokenizer" in capsys.readouterr().err and calls == []
+    assert main(["sample", "--model", str(model), "--source", str(source), "--out", str(tmp_path / "x.npz"),
+                 "--encoder", "pixels", "--patch-size", "4"]) == 2  # the shapes are checked all the same
+    err = capsys.readouterr().err
+    assert f"{model}: the model takes (16, 12) tokens, the tokenizer pixels (patch 4) gives (4, 48); pass --encoder" \
+        in err and calls == []
+    # older mmfm exports recorded the source's kind only
+    old = {"conditioning": "none", "num_tokens": 16, "in_channels": 12, "num_classes": 0}
+    assert resolve_source("m", {**old, "source": "gaussian"}) == resolve_source("m", old) == "gaussian"
+    with pytest.raises(ValueError, match="m: trained with a GMM source, but the export does not name the file"):
+        resolve_source("m", {**old, "source": "gmm"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -232,7 +233,6 @@ def _rank() -> int:
 def _sample(args: argparse.Namespace) -> int:
     from mmfm import launch
     from mmfm.devices import process_group
-    from mmfm.encoders.normalization import load_norm_stats
     from mmfm.sample import sample_run
 
     spec = _launch(args)
@@ -243,11 +243,14 @@ def _sample(args: argparse.Namespace) -> int:
     device = _bind(args, device_type)
     args.device = str(device)
     with process_group(device):
-        res = sample_run(args.model, args.out, _tokenizer(args), source=args.source, n=args.n, seed=args.seed,
+        # the tokenizer, normalization and source the export records, each flag given overriding them
+        encoder = {"name": args.encoder, "path": args.encoder_path, "image_size": args.image_size,
+                   "patch_size": args.patch_size, "pool": args.pool, "precision": args.precision,
+                   "decoder": args.decoder}
+        res = sample_run(args.model, args.out, encoder=encoder, source=args.source, n=args.n, seed=args.seed,
                          steps=args.steps, method=args.method, shift=args.shift, end=args.end, guide=args.guide,
                          guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
-                         cfg_scale=args.cfg_scale,
-                         norm=load_norm_stats(args.norm_stats) if args.norm_stats else None,
+                         cfg_scale=args.cfg_scale, norm=args.norm_stats,
                          batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json,
                          precision=args.network_precision)
     if _rank() == 0:
@@ -279,6 +282,17 @@ def _bench_checkpoint(args: argparse.Namespace) -> int:
     result = bench_checkpoint(preset=args.preset, out_dir=args.out_dir, in_channels=args.channels,
                               num_tokens=args.tokens, seed=args.seed, keep=args.keep)
     return _report_bench(result, args.json)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mmfm.check import check, format_report
+
+    options = f"--configfile {args.configfile}" if args.configfile else None
+    report = check(args.results, quick=args.quick, options=options)
+    print(format_report(report, options))
+    if args.json:
+        print(json.dumps(report.to_json()))
+    return 0 if report.ok else 1
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -330,6 +344,10 @@ def _train(args: argparse.Namespace) -> int:
     from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
 
     cfg = TrainConfig.from_dict(_read_config(args.config))
+    if cfg.data_fingerprint is None:  # what the run trains on: changed data does not resume it
+        from mmfm.data.fingerprint import inputs_fingerprint
+
+        cfg = dataclasses.replace(cfg, data_fingerprint=inputs_fingerprint(args.shards, cfg.gmm, cfg.cls_gmm))
     spec = _launch(args)
     device_type = _device_type(args)
     try:
@@ -341,10 +359,12 @@ def _train(args: argparse.Namespace) -> int:
                 return launch.run(spec, _worker_argv(args), env=lock.env(), gpus=device_type == "cuda")
         device = _bind(args, device_type)
         with process_group(device), _trainer_lock(args.out, held_by_parent(args.out)):
+            _check_run_folder(Path(args.out), cfg, args.fresh_if_changed)
             if _rank() == 0:
                 _prepare_run_folder(Path(args.out), cfg, args.fresh_if_changed)
             _barrier()  # no rank looks for checkpoints while rank 0 may be clearing them
-            res = train(cfg, args.shards, args.out, resume=not args.no_resume, progress=not args.json,
+            res = train(cfg, args.shards, args.out, resume=not args.no_resume,
+                        progress=not args.json or not sys.stderr.isatty(),  # a log: plain progress lines
                         max_steps=args.max_steps, device=device)
     except RunFolderLocked as err:
         print(f"mmfm train: error: {err}", file=sys.stderr)
@@ -400,9 +420,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
+#: The train rule's log of every attempt in the run folder (workflow/scripts/train.py appends to it).
+RUN_LOG = "train.log"
+
+
+def _check_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
+    """Every rank, before anything is written: a run folder whose latest checkpoint has other settings (the
+    data's fingerprint included) is an error naming them, unless ``fresh_if_changed``."""
+    from mmfm.train.checkpoint import checkpoint_config, latest_checkpoint
+
+    latest = latest_checkpoint(out) if out.is_dir() and not fresh_if_changed else None
+    diff = cfg.changed_settings(checkpoint_config(latest)) if latest is not None else {}
+    if diff:
+        raise ValueError(f"{latest}: was written with other settings ("
+                         + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(diff.items()))
+                         + "); pass --fresh-if-changed to start afresh (the earlier run is kept aside) or use "
+                         "another --out")
+
+
 def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
-    """Under the lock: with ``fresh_if_changed``, empty a run folder whose latest checkpoint has other
-    settings (the lock file stays); then record the settings of this run in ``train.yaml``."""
+    """Under the lock, rank 0: with ``fresh_if_changed``, a run folder whose latest checkpoint has other
+    settings (the data's fingerprint included) is moved aside to ``RUN.prev-<timestamp>`` (all but the lock
+    file) and the run starts afresh; then record the settings of this run in ``train.yaml``."""
+    import datetime
     import shutil
 
     import yaml
@@ -412,15 +452,23 @@ def _prepare_run_folder(out: Path, cfg, fresh_if_changed: bool) -> None:
     from mmfm.train.lock import LOCK_NAME
 
     latest = latest_checkpoint(out) if out.is_dir() else None
-    if fresh_if_changed and latest is not None:
+    if latest is not None:
         changed = sorted(cfg.changed_settings(checkpoint_config(latest)))
-        if changed:
-            print(f"mmfm train: {latest} was trained with other settings ({', '.join(changed)}): starting afresh",
-                  file=sys.stderr)
+        if changed and fresh_if_changed:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            aside, n = out.with_name(f"{out.name}.prev-{stamp}"), 1
+            while aside.exists():  # two fresh starts within a second
+                n += 1
+                aside = out.with_name(f"{out.name}.prev-{stamp}-{n}")
+            print(f"mmfm train: {latest} was trained with other settings ({', '.join(changed)}): starting afresh; "
+                  f"the earlier run is kept in {aside} (delete it when you no longer need it)", file=sys.stderr)
+            aside.mkdir()
             for p in out.iterdir():
-                if p.name != LOCK_NAME:
-                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-        else:
+                if p.name == RUN_LOG:  # the workflow's log of every attempt: it goes on in this folder
+                    shutil.copy2(p, aside / p.name)
+                elif p.name != LOCK_NAME:
+                    p.rename(aside / p.name)
+        elif not changed:
             print(f"mmfm train: resuming from {latest}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "train.yaml") as tmp:
@@ -643,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     ick.set_defaults(func=_import_checkpoint)
 
     tr = sub.add_parser("train", help="train one run (flow matching over latent shards; resumable)",
-                        description="Resumes from the latest checkpoint in --out. SIGTERM / SIGUSR1 checkpoint "
+                        description="Resumes from the latest checkpoint in --out. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) checkpoint "
                                     "and exit with 128 + signal; a non-finite loss exits 3, keeping the last good "
                                     "checkpoint.")
     tr.add_argument("--config", required=True, help="YAML/JSON training settings (a run's `train` section)")
@@ -677,11 +725,16 @@ def build_parser() -> argparse.ArgumentParser:
     nc.set_defaults(func=_nfe_curve)
 
     smp = sub.add_parser("sample", help="samples of an exported velocity network, decoded to ADM .npz",
-                         description="Per-sample seeds: the set does not depend on batching or processes.")
+                         description="Per-sample seeds: the set does not depend on batching or processes. An export "
+                                     "of `mmfm train` records its tokenizer, normalization and source: --model alone "
+                                     "suffices, and the tokenizer and source flags given override the record (an "
+                                     "imported or older export needs them). Every shape is checked before sampling.")
     tokenizer_args(smp, images=False)
+    smp.set_defaults(encoder=None, precision=None)  # not given: the export's record
     smp.add_argument("--model", required=True, help="velocity network .safetensors (import-checkpoint or train)")
     smp.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC; arr_1 labels if class-cond.)")
-    smp.add_argument("--source", default="gaussian", help="'gaussian' or a GMM .safetensors (spatial GMM)")
+    smp.add_argument("--source", default=None, help="'gaussian' or a GMM .safetensors (spatial GMM); default: the "
+                     "one the export records, else gaussian")
     smp.add_argument("--n", "--num-samples", dest="n", type=int, default=64, help="samples in the set")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--steps", type=int, default=50)
@@ -692,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--guidance-scale", type=float, default=1.0)
     smp.add_argument("--guidance-interval", type=float, nargs=2, default=(0.0, 1.0))
     smp.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (class models)")
-    smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding")
+    smp.add_argument("--norm-stats", default=None, help="undo this latent normalization before decoding "
+                     "(default: the one the export records)")
     smp.add_argument("--decoder", default=None, help="RAE decoder checkpoint (transformers tokenizers)")
     smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
     smp.add_argument("--network-precision", default="fp32", choices=["fp32", "bf16"],
@@ -840,10 +894,39 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strict", action="store_true", help="exit 1 when a job (or the disk) does not fit")
     pl.add_argument("--json", action="store_true", help="also print the plan as one JSON object, the last line")
     pl.set_defaults(func=_plan)
+
+    ck = sub.add_parser("check", help="verify every artifact of a results folder; print the command that rebuilds "
+                                      "the bad ones",
+                        description="Reads every shard (Parquet page checksums, metadata, row counts), safetensors "
+                                    "file (header against size, sidecar, GMM and export metadata against the "
+                                    "tensors), checkpoint and sample .npz of RESULTS; prints each bad file "
+                                    "(path: reason) and the one snakemake command that recreates them and "
+                                    "everything after them. Exit status 1 when a file is bad.")
+    ck.add_argument("results", nargs="?", default="results", help="the results folder (default: %(default)s)")
+    ck.add_argument("--configfile", default=None, help="the run's --configfile, put into the printed command")
+    ck.add_argument("--quick", action="store_true", help="headers and sizes only (no Parquet page or .npz reads)")
+    ck.add_argument("--json", action="store_true", help="also print the findings as one JSON object, the last line")
+    ck.set_defaults(func=_check)
     return parser
 
 
+def _enable_faulthandler() -> None:
+    """A fatal signal (SIGSEGV, SIGBUS, SIGABRT, ...) still writes every thread's traceback to standard error:
+    the job's log in the workflow, and that of each worker started by ``mmfm train`` / ``mmfm sample``."""
+    import faulthandler
+
+    if faulthandler.is_enabled():
+        return
+    for f in (sys.stderr, sys.__stderr__):
+        try:
+            faulthandler.enable(file=f)
+            return
+        except (AttributeError, ValueError, OSError):  # no file descriptor (a captured stream)
+            continue
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_faulthandler()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # what `train --nproc` and `sample --nproc` relaunch under torchrun

@@ -11,7 +11,11 @@ that names the key (``runs.gmm-mode.sample.guide: ...``) or the file:
 - every local artifact the config points at exists (image folder, encoder folder, normalization
   statistics, decoder, FID reference and Inception weights);
 - the tokenizer settings fit the tokenizer (``patch_size`` / ``pool`` are for ``pixels`` only, a
-  transformers tokenizer needs its decoder to turn samples into images).
+  transformers tokenizer needs its decoder to turn samples into images);
+- from the image folder's listing: one subfolder per class, each with at least one readable image, and at
+  least ``gmm.k`` rows to fit the mixture on; ``eval.metric: fid`` finds the Inception weights.
+
+:func:`disk_warnings` compares the free space of ``results_dir`` with what the shards will take.
 
 The helpers (:func:`train_settings`, :func:`sample_settings`, :func:`resources`, ...) are what the
 rules pass as ``params:``: each rule receives exactly its section, so Snakemake's ``params`` rerun
@@ -23,6 +27,7 @@ not installed in the environment that runs Snakemake).
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,12 @@ class Artifact:
 
 
 # ------------------------------------------------------------------------------------------------ typed view
+
+
+def results_dir(config: dict) -> str:
+    """The folder every output of the workflow goes to (``results_dir``, default ``results``), without a
+    trailing slash."""
+    return str(config.get("results_dir") or "results").rstrip("/") or "/"
 
 
 def run_names(config: dict) -> list[str]:
@@ -311,7 +322,7 @@ def schema_errors(config: dict, schema_path: str | Path) -> list[str]:
 
 
 
-def check(config: dict, root: str | Path = ".") -> None:
+def check(config: dict, root: str | Path = ".", *, images: bool = True) -> None:
     """Everything the schema cannot say (module doc); raises :class:`ConfigError` naming the key.
 
     ``config`` must already have passed the schema (defaults filled in); relative paths are taken
@@ -341,8 +352,8 @@ def check(config: dict, root: str | Path = ".") -> None:
             raise ConfigError(f"decoder.path: the {enc['name']} tokenizer needs the RAE decoder checkpoint to "
                               "decode samples into images")
     if config["data"]["source"] == "digits" and config["data"].get("images"):
-        raise ConfigError("data.images: the digits demo writes its own images to results/digits; set "
-                          "data.source: folder to read an image folder")
+        raise ConfigError(f"data.images: the digits demo writes its own images to {results_dir(config)}/digits; "
+                          "set data.source: folder to read an image folder")
     # spatial statistics
     spatial_groups(config)
     # evaluation
@@ -388,11 +399,111 @@ def check(config: dict, root: str | Path = ".") -> None:
             raise ConfigError(f"{art.key}: {art.path} is not a folder")
         if not art.folder and p.is_dir():
             raise ConfigError(f"{art.key}: {art.path} is a folder, expected a file")
+    if images:  # (mmfm plan, before the download: the folder is a stand-in)
+        _check_images(config, root)
+    _check_inception(config)
+
+
+#: scikit-learn's digits: the demo's images.
+DIGITS_IMAGES = 1797
+#: pytorch-fid's Inception weights, the file torch.hub caches (``mmfm.metrics.inception.FID_WEIGHTS_FILE``).
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+
+
+def _image_extensions() -> tuple[str, ...]:
+    from mmfm.data.images import EXTENSIONS
+
+    return tuple(EXTENSIONS)
+
+
+def _check_images(config: dict, root: Path) -> None:
+    """The image folder before any job: one subfolder per class, each holding at least one readable image, and
+    enough images for ``gmm.k`` modes. Reads the folder listing only, and stops counting once the classes
+    and ``k`` are covered, so that ImageNet's 1.28 M files cost a directory scan per class."""
+    rows_per_image = 2 if config["shards"]["flip"] and config["gmm"].get("rows", "all") == "all" else 1
+    k = int(config["gmm"]["k"])
+    need = -(-k // rows_per_image) if any_gmm(config) else 0  # images for k rows
+    what = (f"gmm.k: {k} modes need at least {k} rows to fit on, {need} images "
+            f"({rows_per_image} row{'s' if rows_per_image > 1 else ''} per image)")
+    if config["data"]["source"] == "digits":
+        if need > DIGITS_IMAGES:
+            raise ConfigError(f"{what}; the digits demo has {DIGITS_IMAGES}")
+        return
+    folder = Path(config["data"]["images"])
+    folder = folder if folder.is_absolute() else root / folder
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ConfigError(f"data.images: {config['data']['images']} holds no class subfolders (one per class, "
+                          "e.g. ImageNet train's n01440764/ ...)")
+    exts = _image_extensions()
+    total = 0
+    for d in classes:
+        found, others = 0, []
+        with os.scandir(d) as it:
+            for entry in it:
+                if entry.name.startswith(".") or not entry.is_file():
+                    continue
+                if os.path.splitext(entry.name)[1].lower() in exts:
+                    found += 1
+                    if total + found >= need:
+                        break
+                elif len(others) < 3:
+                    others.append(entry.name)
+        if not found:
+            seen = f" (it holds {', '.join(others)}{', ...' if len(others) == 3 else ''})" if others else ""
+            raise ConfigError(f"data.images: class folder {d} holds no image{seen}; readable extensions: "
+                              f"{' '.join(exts)}. Remove the folder or add its images")
+        total += found
+    if total < need:
+        raise ConfigError(f"{what}; {config['data']['images']} holds {total}")
+
+
+def _check_inception(config: dict) -> None:
+    """``eval.metric: fid`` needs pytorch-fid's Inception weights: ``eval.inception`` or the torch hub cache
+    (jobs never download)."""
+    ev = config["eval"]
+    if ev["metric"] != "fid" or ev.get("inception"):
+        return
+    hub = Path(os.environ.get("TORCH_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+               / "torch") / "hub" / "checkpoints" / FID_WEIGHTS_FILE
+    if not hub.is_file():
+        raise ConfigError(f"eval.inception: metric fid needs pytorch-fid's Inception weights; none given and "
+                          f"{hub} does not exist. Download https://github.com/mseitzer/pytorch-fid/releases/"
+                          f"download/fid_weights/{FID_WEIGHTS_FILE} there, or set eval.inception to the file")
+
+
+def disk_warnings(config: dict, root: str | Path = ".") -> list[str]:
+    """A warning when the results folder's file system has less free space than the latent shards alone will
+    take (``rows x (N D + Dc) x bytes``, from the tokenizer's shapes; ``mmfm plan`` counts every output)."""
+    import shutil
+
+    try:
+        from mmfm.plan.geometry import tokenizer_geometry
+
+        geo = tokenizer_geometry(config["encoder"], root)
+    except (ImportError, KeyError, ValueError):
+        return []
+    if config["data"]["source"] == "digits":
+        images = DIGITS_IMAGES
+    else:
+        images = int(config["data"].get("num_images") or 0)
+    rows = images * (2 if config["shards"]["flip"] else 1)
+    itemsize = 2 if config["shards"]["dtype"] == "float16" else 4
+    need = rows * (geo.num_tokens * geo.token_dim + geo.cls_dim) * itemsize
+    where = Path(root) / results_dir(config)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need <= free:
+        return []
+    return [f"results_dir: {results_dir(config)} has {free / 1e9:.1f} GB free; the latent shards alone will take "
+            f"{need / 1e9:.1f} GB ({rows} rows of {geo.num_tokens} x {geo.token_dim} {config['shards']['dtype']}); "
+            "`mmfm plan` counts every output"]
 
 
 def _check_train(config: dict, run: str) -> None:
-    settings = with_gmm_files(train_settings(config, run), "results/gmm/spatial.safetensors",
-                              "results/gmm/cls.safetensors")
+    gmm = f"{results_dir(config)}/gmm"
+    settings = with_gmm_files(train_settings(config, run), f"{gmm}/spatial.safetensors", f"{gmm}/cls.safetensors")
     try:
         from mmfm.train.config import TrainConfig
     except ImportError:  # Snakemake runs in an environment without torch: the train job checks it

@@ -10,7 +10,8 @@ Inputs (all read with a clear error naming the file when it is missing or malfor
   metric, ``"value"``, ``"fd"`` or ``"fid"``, or the file is a bare number);
 - Snakemake benchmark TSVs under ``results/benchmarks/`` (``<rule>/<wildcards>.tsv`` or ``<rule>.tsv``);
   ``s`` in seconds, ``max_rss`` in MB, ``-`` / ``NA`` for values Snakemake could not measure;
-- the toy's ``r10.json`` (:func:`mmfm.toy.r10.write_outputs`: ``{"rows": [...], "claims": ..., "config": ...}``).
+- the toy's ``r10.json`` (:func:`mmfm.toy.r10.write_outputs`: ``{"rows": [...], "claims": ..., "config": ...}``);
+- the latent shards' Parquet metadata (:func:`read_images`): the images encoded and the bad images left out.
 
 Targets are reached on the evaluated grid, never interpolated: the step (NFE) reported is the first
 evaluated one whose distance is at or below the target. Tables are CSV when the output ends ``.csv``,
@@ -33,6 +34,7 @@ from matplotlib.ticker import NullLocator
 from mmfm import io
 
 METRICS, FD_LOG = "metrics.csv", "fd.csv"  # the names mmfm.train.loop writes
+BAD_EXAMPLES = 10  # bad images named in summary.json (all of them are in the shards' metadata)
 NA = {"", "-", "na", "nan", "none", "n/a"}
 
 PAPER = {  # the R^10 table is mmfm.toy.r10.PAPER (method.md §4), imported where used (POT, sklearn are slow)
@@ -155,6 +157,28 @@ def read_r10(path) -> dict:
     return {"rows": rows, "claims": data.get("claims", {})}
 
 
+def read_images(shard_paths, examples: int = BAD_EXAMPLES) -> dict:
+    """What the shards hold of the image folder, from their metadata (``mmfm encode``'s ``bad_images``):
+    ``{"images": images encoded (rows that are not stored mirrors), "bad_images": images left out,
+    "bad_examples": the first ``examples`` of them as {"path", "reason"}, in shard order}``. A shard
+    that records no bad images (written by another tool) counts none; one that lists paths without
+    reasons gives ``reason`` ``None``."""
+    from mmfm.data import shards  # here: pyarrow is not needed by the rest of the report
+
+    images, bad, named = 0, 0, []
+    for path in shard_paths:
+        meta = shards.read_metadata(_need(path))
+        images += shards.count_originals(path)[1]
+        record = meta.get("bad_images") or {}
+        count = record.get("count", 0)
+        if not (isinstance(count, int) and count >= 0):
+            raise ValueError(f"{path}: shard metadata 'bad_images.count' is {count!r}, expected a count")
+        bad += count
+        listed = record.get("examples") or [{"path": q, "reason": None} for q in record.get("paths", [])]
+        named += [{"path": str(e["path"]), "reason": e.get("reason")} for e in listed[:max(0, examples - len(named))]]
+    return {"images": images, "bad_images": bad, "bad_examples": named}
+
+
 def _final(spec: dict, fd_rows: list[dict]) -> float | None:
     if not spec.get("final"):
         return fd_rows[-1]["fd"] if fd_rows else None
@@ -191,7 +215,7 @@ def _clean(value):
 
 
 def summarize(runs: dict[str, dict], *, baseline: str, out: Path, toy_r10: Path | None = None,
-              benchmarks: Path | None = None, nfe_target: float | None = None) -> dict:
+              benchmarks: Path | None = None, nfe_target: float | None = None, shards=None) -> dict:
     """Write ``out`` (summary.json, atomically) and return it.
 
     ``runs[name] = {"run_dir", "samples", "nfe_curve", "metric" ("fd" | "fid"), "final" (optional JSON)}``.
@@ -200,7 +224,8 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path, toy_r10: Path 
     step / this run's), ``nfe_for_target`` (smallest NFE of the curve with fd <= ``nfe_target``, default
     the baseline's fd at its largest NFE), ``nfe_ratio``, ``final_loss``, ``steps`` (last step of
     metrics.csv), ``wall_s`` (benchmarked seconds of jobs whose wildcards name the run). Top level:
-    ``runs``, ``baseline``, ``steps_target``, ``nfe_target``, ``toy_r10``, ``stages``, ``paper``.
+    ``runs``, ``baseline``, ``steps_target``, ``nfe_target``, ``toy_r10``, ``stages``, ``paper``, and
+    ``data`` (:func:`read_images` of the shard files ``shards``; ``None`` without them).
     """
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs {sorted(runs)}")
@@ -238,6 +263,7 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path, toy_r10: Path 
     summary = _clean({
         "runs": summary_runs, "baseline": baseline, "steps_target": steps_target, "nfe_target": nfe_target,
         "toy_r10": read_r10(toy_r10) if toy_r10 is not None else None, "stages": stages(records),
+        "data": read_images(shards) if shards is not None else None,
         "paper": {k: PAPER[k] for k in ("imagenet_fid", "steps_ratio", "nfe_ratio")},
     })
     io.write_json(out, summary)
@@ -306,7 +332,18 @@ def summary_table(summary: dict, out: Path) -> Path:
     note = (f"Baseline {summary['baseline']}; step target fd ≤ {_fmt(summary.get('steps_target'))}, NFE target fd ≤ "
             f"{_fmt(summary.get('nfe_target'))} (first evaluated point reaching it). Paper: "
             f"{_fmt(paper['steps_ratio'])}× fewer training steps, {_fmt(paper['nfe_ratio'])}× fewer NFE.")
+    if summary.get("data"):
+        note += " " + images_line(summary["data"])
     return write_table(rows, out, "Runs", note)
+
+
+def images_line(data: dict) -> str:
+    """``Images: 1795 encoded, 2 bad left out (a.gif: reason; ...)``, from summary.json's ``data``."""
+    named = [f"{e['path']}: {e['reason']}" if e.get("reason") else e["path"] for e in data["bad_examples"]]
+    if data["bad_images"] > len(named):
+        named.append(f"{data['bad_images'] - len(named)} more in the shards' metadata and the encode logs")
+    bad = f", {data['bad_images']} bad left out ({'; '.join(named)})" if data["bad_images"] else ", no bad images"
+    return f"Images: {data['images']} encoded{bad}."
 
 
 # ------------------------------------------------------------------------------------------------ figures

@@ -92,7 +92,7 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
     """This process's part (indices ``rank::world_size``) of an ``n``-sample set: noise from ``source``
     (a :class:`GaussianSource` or :class:`GaussianMixtureSource`) integrated from ``t = 0`` over
     ``time_grid(steps, shift, end)`` with ``method`` (``euler``, ``heun``, ``midpoint``, ``dopri5``)."""
-    from tqdm.auto import tqdm
+    from mmfm.progress import progress as tqdm
 
     if not isinstance(source, (GaussianSource, GaussianMixtureSource)):
         raise ValueError(f"source: expected a GaussianSource or GaussianMixtureSource, got {type(source).__name__}")
@@ -226,12 +226,188 @@ def noise_source(source: str | os.PathLike, shape: tuple[int, int]):
     return src
 
 
-def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, source: str | os.PathLike = "gaussian",
-               n: int = 64, seed: int = 0, steps: int = 50, method: str = "euler", shift: float = 1.0,
-               end: float = 1.0, guide: str | os.PathLike | None = None, guidance_scale: float = 1.0,
-               guidance_interval=(0.0, 1.0), cfg_scale: float = 1.0, norm=None, batch_size: int = 64,
-               device: str = "cpu", grid: str | os.PathLike | None = None, progress: bool = True,
-               precision: str = "fp32") -> dict:
+# ------------------------------------------------------------------------------------------------ the export's record
+
+#: The keys of :func:`mmfm.encoders.load_tokenizer` a sampling command may give (``None``: not given).
+TOKENIZER_KEYS = ("name", "path", "image_size", "patch_size", "pool", "precision", "decoder")
+#: What must agree between the tokenizer an export records and the one it is decoded with.
+AGREEING_KEYS = ("name", "revision", "grid", "token_dim", "patch_size")
+
+
+def _describe(name, patch_size=None, path=None) -> str:
+    """``pixels (patch 4)``, ``dinov2 (path)``: a tokenizer, for messages."""
+    if name == "pixels":
+        return f"pixels (patch {patch_size})"
+    return f"{name} ({path})" if path else str(name)
+
+
+def _model_shape(meta: dict) -> tuple[int, int]:
+    return int(meta["num_tokens"]), int(meta["in_channels"])
+
+
+def tokenizer_spec(model, meta: dict, encoder: dict | None = None) -> dict:
+    """Keyword arguments of :func:`mmfm.encoders.load_tokenizer` (but ``device``) that decode ``model``'s samples:
+    the tokenizer its export records (``meta["tokenizer"]``, :func:`mmfm.models.velocity.tokenizer_record`), each
+    key of ``encoder`` (:data:`TOKENIZER_KEYS`; None: not given) overriding it; another ``name`` than the
+    recorded one replaces the record. An export without the record (older, or imported) needs
+    ``encoder["name"]``; a transformers tokenizer needs its RAE ``decoder``."""
+    given = {k: v for k, v in (encoder or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(TOKENIZER_KEYS))
+    if unknown:
+        raise ValueError(f"encoder: unknown keys {unknown}; expected some of {list(TOKENIZER_KEYS)}")
+    rec = meta.get("tokenizer")
+    if rec is None or given.get("name", rec["name"]) != rec["name"]:
+        if "name" not in given:
+            raise ValueError(f"{model}: the export does not record its tokenizer (an older or imported export); "
+                             "pass --encoder and its settings (--patch-size, --image-size, --encoder-path, --decoder, "
+                             "--norm-stats) as the model was trained")
+        kw = given
+    else:
+        kw = {**{k: rec.get(k) for k in TOKENIZER_KEYS}, **given}
+    name = kw["name"]
+    spec = {"name": name, "path": kw.get("path"), "image_size": kw.get("image_size"),
+            "precision": kw.get("precision") or "fp32"}
+    if name == "pixels":
+        spec.update({k: kw[k] for k in ("patch_size", "pool") if kw.get(k) is not None})
+        if kw.get("decoder") not in (None, "exact"):
+            spec["decoder"] = kw["decoder"]  # refused by load_tokenizer, with its reason
+    elif not kw.get("decoder"):
+        raise ValueError(f"{model}: the {name} tokenizer needs its RAE decoder to turn samples into images; pass "
+                         "--decoder (the config's decoder.path)")
+    else:
+        spec["decoder"] = kw["decoder"]
+    return spec
+
+
+def check_tokenizer(model, meta: dict, tokenizer, norm=None) -> None:
+    """Before any network is loaded: ``tokenizer`` gives the model's tokens ``(num_tokens, in_channels)``, agrees
+    with the tokenizer the export records on :data:`AGREEING_KEYS` (its ``metadata()``), and decodes one zero
+    latent (through ``norm``'s inverse). Errors name ``model`` and both sides."""
+    want, rec = _model_shape(meta), meta.get("tokenizer")
+    got = (int(tokenizer.num_tokens), int(tokenizer.token_dim))
+    mine = tokenizer.metadata()
+    desc = _describe(mine.get("encoder"), mine.get("patch_size"), mine.get("model"))
+    if got != want:
+        advice = "pass --encoder (and --patch-size / --image-size / --encoder-path) of the tokenizer it was trained on"
+        if rec is not None:
+            recorded = _describe(rec["name"], rec.get("patch_size"), rec.get("path"))
+            advice = f"it records {recorded}: drop the tokenizer flags"
+        raise ValueError(f"{model}: the model takes {want} tokens, the tokenizer {desc} gives {got}; {advice}, or "
+                         "retrain")
+    if rec is not None:
+        ours = {**mine, "name": mine.get("encoder"), "grid": list(mine.get("grid", ()))}
+        differ = [f"{k} {rec.get(k)!r} (recorded) vs {ours.get(k)!r}" for k in AGREEING_KEYS
+                  if rec.get(k) != ours.get(k)]
+        if differ:
+            raise ValueError(f"{model}: trained on {_describe(rec['name'], rec.get('patch_size'), rec.get('path'))} "
+                             f"tokens, decoded with {desc}: {'; '.join(differ)}; drop the encoder flags (the export "
+                             "records its tokenizer) or pass matching ones")
+    try:
+        decode_latents(tokenizer, torch.zeros(1, *want), norm, 1)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"{model}: the tokenizer {desc} cannot decode the model's {want} tokens: {err}") from None
+
+
+def resolve_norm(model, meta: dict, norm=None):
+    """The latent normalization to undo before decoding ``model``'s samples: ``norm`` (a
+    :class:`~mmfm.encoders.normalization.LatentNorm` or a statistics file) or the one its export records; a given
+    one must be the recorded one (its statistics' SHA-256), and its shape the model's tokens'."""
+    from mmfm.encoders.normalization import load_norm_stats
+
+    if isinstance(norm, (str, os.PathLike)):
+        norm = load_norm_stats(norm)
+    rec = meta.get("tokenizer")
+    recorded = None if rec is None else rec.get("normalization")
+    if rec is not None and recorded is None and norm is not None:
+        raise ValueError(f"{model}: trained on tokens without normalization, but normalization statistics "
+                         f"{norm.source} were given; drop --norm-stats")
+    if recorded is not None:
+        if norm is None:
+            try:
+                norm = load_norm_stats(recorded.get("file"))
+            except (ValueError, OSError, TypeError) as err:
+                raise ValueError(f"{model}: its tokens were normalized with {recorded.get('file')} (sha256 "
+                                 f"{recorded.get('sha256')}), which cannot be read ({err}); pass --norm-stats with "
+                                 "those statistics") from None
+        if recorded.get("sha256") and norm.digest() != recorded["sha256"]:
+            raise ValueError(f"{norm.source}: normalization statistics {norm.digest()}, but {model} was trained on "
+                             f"tokens normalized with {recorded.get('file')} ({recorded['sha256']}); pass those as "
+                             "--norm-stats")
+    if norm is not None and tuple(norm.shape) != _model_shape(meta):
+        raise ValueError(f"{norm.source}: normalization statistics of shape {tuple(norm.shape)}, the model {model} "
+                         f"takes {_model_shape(meta)} tokens")
+    return norm
+
+
+def resolve_source(model, meta: dict, source: str | os.PathLike | None = None) -> str:
+    """The noise of ``model``'s samples, checked by the GMM file's header before anything is loaded: ``source``
+    (``"gaussian"`` or a GMM ``.safetensors``) or the one its export records (none recorded: ``gaussian``). A GMM's
+    means ``(K, N, D)`` must fit the model's ``(num_tokens, in_channels)`` and, for a mode-conditional model,
+    ``K`` its modes; another source than the recorded one (kind or fingerprint) is warned about."""
+    import warnings
+
+    from mmfm.models.velocity import recorded_source, source_fingerprint
+
+    rec, cond, want = recorded_source(meta) or {}, meta["conditioning"], _model_shape(meta)
+    if source is None:
+        if rec.get("kind", "gaussian") == "gaussian":
+            source = "gaussian"
+        elif rec.get("file"):
+            source = rec["file"]
+        else:
+            raise ValueError(f"{model}: trained with a GMM source, but the export does not name the file; pass "
+                             "--source with its spatial GMM .safetensors")
+    source = str(source)
+    if source == "gaussian":
+        if cond == "mode":
+            raise ValueError(f"{model}: a mode-conditional model needs a Gaussian-mixture source, not 'gaussian'")
+        if rec.get("kind") == "gmm":
+            warnings.warn(f"{model}: trained with noise from the GMM {rec.get('file')}, sampled from N(0, I)",
+                          stacklevel=2)
+        return source
+    try:
+        fp = source_fingerprint(source)
+    except ValueError as err:
+        named = " (the source the export records; pass --source)" if source == rec.get("file") else ""
+        raise ValueError(f"{err}{named}") from None
+    k, *event = fp["shape"]
+    if tuple(event) != want:
+        raise ValueError(f"{source}: the GMM's means are (K, N, D) = {tuple(fp['shape'])}, the model {model} takes "
+                         f"{want} tokens; pass --source with the spatial GMM it was trained with, or retrain")
+    if cond == "mode" and k != meta["num_classes"]:
+        raise ValueError(f"{source}: {k} modes, the mode-conditional model {model} has {meta['num_classes']}")
+    if rec.get("kind") == "gaussian":
+        warnings.warn(f"{model}: trained with N(0, I) noise, sampled from the GMM {source}", stacklevel=2)
+    elif rec.get("sha256") and (rec["sha256"], rec.get("shape")) != (fp["sha256"], fp["shape"]):
+        warnings.warn(f"{source}: not the GMM {model} was trained with ({rec.get('file')}, sha256 {rec['sha256']}; "
+                      f"this one {fp['sha256']})", stacklevel=2)
+    return source
+
+
+def check_guide(model, meta: dict, guide, gmeta: dict) -> None:
+    """The guide takes the main model's inputs (conditioning, tokens ``(N, D)``, labels) and, when both record
+    their tokenizer, the same tokens (:data:`AGREEING_KEYS` and the normalization statistics)."""
+    def inputs(m):
+        return (m["conditioning"], _model_shape(m)) + ((m["num_classes"],) if m["conditioning"] != "none" else ())
+
+    if inputs(gmeta) != inputs(meta):
+        raise ValueError(f"{guide}: the guide must take the inputs of {model} {inputs(meta)} (conditioning, tokens"
+                         f"{', labels' if meta['conditioning'] != 'none' else ''}), it takes {inputs(gmeta)}")
+    a, b = meta.get("tokenizer"), gmeta.get("tokenizer")
+    if a is not None and b is not None:
+        digest = lambda r: (r.get("normalization") or {}).get("sha256")  # noqa: E731
+        differ = [f"{k} {b.get(k)!r} vs {a.get(k)!r}" for k in AGREEING_KEYS if a.get(k) != b.get(k)]
+        differ += [f"normalization {digest(b)} vs {digest(a)}"] if digest(a) != digest(b) else []
+        if differ:
+            raise ValueError(f"{guide}: the guide was trained on other tokens than {model}: {'; '.join(differ)}")
+
+
+def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None, *, encoder: dict | None = None,
+               source: str | os.PathLike | None = None, n: int = 64, seed: int = 0, steps: int = 50,
+               method: str = "euler", shift: float = 1.0, end: float = 1.0, guide: str | os.PathLike | None = None,
+               guidance_scale: float = 1.0, guidance_interval=(0.0, 1.0), cfg_scale: float = 1.0, norm=None,
+               batch_size: int = 64, device: str = "cpu", grid: str | os.PathLike | None = None,
+               progress: bool = True, precision: str = "fp32") -> dict:
     """The sampling stage: an exported velocity network (``mmfm.models.velocity.load_velocity_model``;
     its metadata gives the conditioning and the latent shape), noise from ``source`` (``"gaussian"`` or
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
@@ -242,33 +418,46 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer, *, s
     also holds ``meta``, a JSON string of the settings (precision, steps, NFE, seed, model, guide, source).
     Returns what it wrote and the NFE per sample.
 
+    An export of ``mmfm train`` records its tokenizer and source (:func:`mmfm.train.loop.export_meta`), so the
+    model alone suffices: ``tokenizer`` (a loaded one) or ``encoder`` (:func:`tokenizer_spec`'s overrides),
+    ``norm`` (:func:`resolve_norm`) and ``source`` (:func:`resolve_source`) override the record; an export
+    without it needs them. Every shape is checked before any network is loaded or any ODE step taken: the
+    source's, the guide's (:func:`check_guide`), the tokenizer's and normalization's (:func:`check_tokenizer`).
+
     Under ``torch.distributed`` (``mmfm sample --nproc N``) every rank samples and decodes its share
     (indices ``rank::world``) and writes it to ``out.partR-of-W.npz``; rank 0 merges the parts in index
     order into ``out`` and removes them. Per-sample seeds make the set the same for any ``N``."""
     import torch.distributed as dist
 
+    from mmfm.encoders import load_tokenizer
     from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
     from mmfm.models.velocity import load_velocity_model, read_metadata
 
     meta = read_metadata(model)
+    cond, shape = meta["conditioning"], _model_shape(meta)
+    guided = guide is not None and guidance_scale != 1.0
+    if guided:
+        check_guide(model, meta, guide, read_metadata(guide))
+    if cfg_scale != 1.0 and (cond != "class" or meta.get("null_label") is None):
+        raise ValueError(f"{model}: classifier-free guidance needs a class-conditional model with a null label")
+    source = resolve_source(model, meta, source)
+    norm = resolve_norm(model, meta, norm)
+    if tokenizer is None:
+        spec = tokenizer_spec(model, meta, encoder)
+        try:
+            tokenizer = load_tokenizer(**spec, device=device)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{model}: cannot load the tokenizer {spec['name']} to decode its samples: "
+                             f"{err}") from None
+    check_tokenizer(model, meta, tokenizer, norm)
+
     velocity = NetworkPrecision(load_velocity_model(model, device), precision)
-    cond, shape = meta["conditioning"], (meta["num_tokens"], meta["in_channels"])
-    if guide is not None and guidance_scale != 1.0:
-        gmeta = read_metadata(guide)
-        if (gmeta["conditioning"], gmeta["num_tokens"], gmeta["in_channels"]) != (cond, *shape):
-            raise ValueError(f"{guide}: the guide must take the main model's inputs ({cond}, {shape}), "
-                             f"it takes ({gmeta['conditioning']}, {(gmeta['num_tokens'], gmeta['in_channels'])})")
+    if guided:
         velocity = Autoguidance(velocity, NetworkPrecision(load_velocity_model(guide, device), precision),
                                 guidance_scale, guidance_interval)
     if cfg_scale != 1.0:
-        if cond != "class" or meta.get("null_label") is None:
-            raise ValueError(f"{model}: classifier-free guidance needs a class-conditional model with a null label")
         velocity = ClassifierFreeGuidance(velocity, cfg_scale, meta["null_label"], guidance_interval)
     src = noise_source(source, shape)
-    if cond == "mode" and not isinstance(src, GaussianMixtureSource):
-        raise ValueError(f"{model}: a mode-conditional model needs a Gaussian-mixture source, not {source!r}")
-    if cond == "mode" and src.num_modes != meta["num_classes"]:
-        raise ValueError(f"{source}: {src.num_modes} modes, the mode-conditional model has {meta['num_classes']}")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
         else (0, 1)
     got = sample_latents(velocity, src, n, seed=seed, conditioning=cond, num_classes=meta["num_classes"],

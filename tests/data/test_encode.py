@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mmfm import io
 from mmfm.cli import main
 from mmfm.data import shards
 from mmfm.data.digits import export_digits
@@ -360,3 +361,116 @@ def test_fp32_float16_shards_through_the_gmm_stages_as_released(tiny_dinov2, tmp
             np.testing.assert_allclose(np.asarray(got["means"][k]).reshape(16, 16, 32), both.mean(0), rtol=1e-5,
                                        atol=1e-6)
             np.testing.assert_allclose(got["variances"][k], both.var(0).mean(), rtol=1e-5)
+
+
+class NaNForWhite(PixelTokenizer):
+    """A tokenizer stub whose latent is NaN for an all-white image (``cls`` too with ``cls=True``); with
+    ``mirror_only`` only the second row of each image pair (its stored mirror) is spoiled."""
+
+    def __init__(self, *a, cls=False, mirror_only=False, **kw):
+        super().__init__(*a, **kw)
+        self.spoil_cls, self.mirror_only = cls, mirror_only
+
+    def encode(self, images):
+        c, t = super().encode(images)
+        white = images.flatten(1).min(1).values == 1.0
+        if self.mirror_only:
+            white &= torch.arange(len(images)) % 2 == 1
+        t = t.clone()
+        t[white, 0, :3] = float("nan")
+        if self.spoil_cls:
+            c = c.clone()
+            c[white, 1] = float("inf")
+        return c, t
+
+
+def folder_with_white(root):
+    small_folder(root)
+    Image.new("RGB", (12, 10), (255, 255, 255)).save(root / "class1" / "white.png")
+    return "class1/white.png"
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_a_non_finite_latent_is_a_bad_image_skipped_and_counted(tmp_path, capsys, flip):
+    root = tmp_path / "img"
+    white = folder_with_white(root)
+    out = tmp_path / "s.parquet"
+    meta = encode_folder(root, out, NaNForWhite(image_size=8, cls=flip), flip=flip, batch_size=3, progress=False)
+    reps = 2 if flip else 1
+    assert meta["rows"] == 7 * reps and meta["bad_images"]["count"] == 1
+    [example] = meta["bad_images"]["examples"]
+    assert os.path.relpath(example["path"], root) == white and example["reason"].startswith("non-finite latent")
+    assert "tokens: 3 of 192 values NaN/Inf" in example["reason"]
+    assert ("cls: 1 of 12 values" in example["reason"]) == flip
+    assert str(root / white) in capsys.readouterr().err
+    m, cols = read_all(out)
+    assert m["bad_images"] == meta["bad_images"] and white not in set(cols["path"]) and len(cols["path"]) == 7 * reps
+    assert np.isfinite(cols["tokens"].astype(np.float32)).all() and np.isfinite(cols["cls"]).all()
+    # the other images are encoded as by a tokenizer that never fails, in the same order
+    good = tmp_path / "good.parquet"
+    (root / white).unlink()
+    encode_folder(root, good, PixelTokenizer(image_size=8), flip=flip, progress=False)
+    _, want = read_all(good)
+    assert np.array_equal(want["tokens"], cols["tokens"]) and list(want["path"]) == list(cols["path"])
+
+
+def test_a_non_finite_mirror_alone_spoils_its_image(tmp_path):
+    root = tmp_path / "img"
+    white = folder_with_white(root)
+    meta = encode_folder(root, tmp_path / "s.parquet", NaNForWhite(image_size=8, mirror_only=True), flip=True,
+                         progress=False)
+    [example] = meta["bad_images"]["examples"]
+    assert example["path"].endswith(white) and "tokens of its mirror: 3 of 192" in example["reason"]
+    assert meta["rows"] == 14
+
+
+def test_a_non_finite_latent_fails_the_job_naming_the_image(tmp_path):
+    root = tmp_path / "img"
+    white = folder_with_white(root)
+    out = tmp_path / "out" / "s.parquet"
+    with pytest.raises(ValueError, match=rf"{white}: bad image \(non-finite latent \(tokens: 3 of 192"):
+        encode_folder(root, out, NaNForWhite(image_size=8), on_bad_image="fail", progress=False)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_norm_stats_leave_a_non_finite_image_out(tmp_path):
+    root = tmp_path / "img"
+    white = folder_with_white(root)
+    norm = compute_norm_stats(root, tmp_path / "n.safetensors", NaNForWhite(image_size=8), num_images=8,
+                              flip=False, progress=False)
+    assert np.isfinite(norm.var.numpy()).all()
+    _, meta, _ = io.read_header(tmp_path / "n.safetensors")
+    assert meta["images"]["count"] == 7 and [os.path.relpath(p, root) for p in meta["skipped_images"]] == [white]
+
+
+def test_every_pillow_format_is_read_and_others_are_bad(tmp_path):
+    """A .gif (animated: its first frame), .webp, .tiff and an upper-case .PNG are encoded; a .xyz file is
+    counted as bad, with its path and the reason."""
+    root = small_folder(tmp_path / "img", (2, 2))
+    rng = np.random.default_rng(5)
+    frames = [Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)) for _ in range(2)]
+    frames[0].save(root / "class0" / "anim.gif", save_all=True, append_images=frames[1:], loop=0)
+    frames[0].save(root / "class0" / "still.webp", lossless=True)
+    frames[1].save(root / "class1" / "page.tiff")
+    frames[1].save(root / "class1" / "UPPER.PNG")
+    (root / "class1" / "data.xyz").write_bytes(b"\x00" * 64)
+    out = tmp_path / "s.parquet"
+    tok = PixelTokenizer(image_size=8)
+    meta = encode_folder(root, out, tok, dtype="float32", progress=False)
+    assert meta["bad_images"]["count"] == 1 and meta["rows"] == 8
+    [example] = meta["bad_images"]["examples"]
+    assert example["path"].endswith("class1/data.xyz") and "unsupported extension '.xyz'" in example["reason"]
+    _, cols = read_all(out)
+    paths = list(cols["path"])
+    assert {"class0/anim.gif", "class0/still.webp", "class1/page.tiff", "class1/UPPER.PNG"} <= set(paths)
+    with Image.open(root / "class0" / "anim.gif") as gif:  # Pillow's first frame, as encode read it
+        gif.load()
+        first = torch.from_numpy(np.array(center_crop_arr(gif, 8))).permute(2, 0, 1)[None].float() / 255
+    _, want = tok.encode(first)
+    got = cols["tokens"][paths.index("class0/anim.gif")]
+    np.testing.assert_allclose(got, want[0].numpy(), rtol=0, atol=1e-6)
+    last = torch.from_numpy(np.array(center_crop_arr(frames[1], 8))).permute(2, 0, 1)[None].float() / 255
+    _, second = tok.encode(last)
+    assert not np.allclose(got, second[0].numpy(), atol=1e-3)  # not the last frame
+    with pytest.raises(ValueError, match=r"data\.xyz: bad image \(unsupported extension '\.xyz'"):
+        encode_folder(root, tmp_path / "f.parquet", tok, on_bad_image="fail", progress=False)

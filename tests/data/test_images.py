@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfm.data.images import center_crop_arr, list_images, shard_range, to_rgb
+from mmfm.data.images import EXTENSIONS, NOT_DECODED, center_crop_arr, list_images, shard_range, supported, to_rgb
 
 
 def adm_reference(pil_image, image_size):
@@ -57,11 +57,15 @@ def test_class_folder_order_and_errors(tmp_path):
         for n in names:
             rgb(4, 4).save(tmp_path / cls / n)
     (tmp_path / "a_cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "a_cat" / ".DS_Store").write_text("hidden")
     items, classes = list_images(tmp_path)
     assert classes == ["a_cat", "b_dog"]
-    assert [(i.index, i.label, i.path.name) for i in items] == [(0, 0, "x.jpg"), (1, 1, "10.png"), (2, 1, "2.png")]
+    # an unsupported file is listed in its place (encode counts it as bad), a hidden one is not
+    assert [(i.index, i.label, i.path.name) for i in items] == [(0, 0, "notes.txt"), (1, 0, "x.jpg"),
+                                                                (2, 1, "10.png"), (3, 1, "2.png")]
     (tmp_path / "c_empty").mkdir()
-    with pytest.raises(ValueError, match="c_empty: class folder holds no images"):
+    (tmp_path / "c_empty" / "readme.xyz").write_text("no image here")
+    with pytest.raises(ValueError, match="c_empty: class folder holds no images .1 other file"):
         list_images(tmp_path)
     with pytest.raises(ValueError, match="no such folder"):
         list_images(tmp_path / "nope")
@@ -74,3 +78,25 @@ def test_shards_partition_the_rows(n, k):
     assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
     with pytest.raises(ValueError, match="shard"):
         shard_range(n, k, k)
+
+
+def test_extensions_are_what_pillow_decodes():
+    registered = Image.registered_extensions()
+    for ext in (".jpg", ".jpeg", ".png", ".gif", ".webp", ".tif", ".tiff", ".bmp", ".ppm"):
+        assert ext in EXTENSIONS
+    assert all(registered[e] in Image.OPEN and registered[e] not in NOT_DECODED for e in EXTENSIONS)
+    assert ".pdf" not in EXTENSIONS and ".eps" not in EXTENSIONS and ".h5" not in EXTENSIONS  # save-only, stubs
+    assert list(EXTENSIONS) == sorted(EXTENSIONS) and all(e == e.lower() for e in EXTENSIONS)
+    assert supported("a/B.GIF") and supported("x.TiFf") and not supported("x.xyz") and not supported("README")
+
+
+def test_animations_give_their_first_frame(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((250, 0, 0), (0, 0, 250))]
+    for suffix in (".gif", ".webp", ".tiff", ".png"):
+        path = tmp_path / f"anim{suffix}"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+        with Image.open(path) as img:
+            assert getattr(img, "n_frames", 1) == 2, suffix
+            img.load()
+            got = center_crop_arr(img, 4)
+        assert got.shape == (4, 4, 3) and got[..., 0].min() > 200 and got[..., 2].max() < 50, suffix

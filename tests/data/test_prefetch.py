@@ -79,3 +79,28 @@ def test_to_device_casts_after_the_move():
     x = torch.ones(2, dtype=torch.float16)
     y = to_device(x, "cpu", torch.float32)
     assert y.dtype == torch.float32 and torch.equal(y, torch.ones(2))
+
+
+def test_a_shard_streams_non_finite_row_is_named_by_file_and_row(tmp_path):
+    """Through the training path (ShardStream -> Prefetch) a NaN token is refused on the host with the shard
+    file and row (the stream checks as it reads; the thread does not check twice)."""
+    import numpy as np
+
+    import toyrun
+    from mmfm.data import shards
+    from mmfm.data.stream import read_shard
+
+    root, _ = toyrun.make_toy(tmp_path)
+    p = root / "shards" / "shard-1.parquet"
+    cols = {k: np.array(v) for k, v in read_shard(p, ("image_id", "label", "cls", "tokens")).items()}
+    cols["tokens"][40, 2, :] = np.nan
+    shards.write_shard(p, cols, toyrun.META, row_group_rows=32)
+    pre = Prefetch(ShardStream(root / "shards", 16, columns=["tokens", "cls"], as_torch=True))
+    assert not pre._check_finite
+    try:
+        with pytest.raises(ValueError, match=r"shard-1\.parquet row 40: tokens has 2 non-finite values \(NaN/Inf\)"
+                                             r".*snakemake --cores all .*--forcerun \S*shards/shard-1\.parquet"):
+            for _ in range(100):
+                next(pre)
+    finally:
+        pre.close()

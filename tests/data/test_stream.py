@@ -297,3 +297,46 @@ def test_metadata_added_to_the_footer_at_close(tmp_path):
     (b,) = ShardStream(tmp_path, 5, columns=("tokens", "label"), shuffle=False)
     assert np.array_equal(b["tokens"], tokens.reshape(5, 6, 4))
     assert np.array_equal(read_shard(tmp_path / "x.parquet", ["tokens"])["tokens"], tokens.reshape(5, 6, 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_non_finite_row_is_refused_naming_shard_row_and_image(tmp_path, dtype, shuffle):
+    """Row 17 of s2.parquet (its third row group of 8 rows) holds an Inf in its tokens: the stream stops
+    before yielding a batch with it, naming the file, the row in the file and the image."""
+    from mmfm.data.stream import refuse_non_finite
+
+    written = make(tmp_path, dtype)
+    p = tmp_path / "s2.parquet"
+    cols = {c: np.array(v) for c, v in read_shard(p, ALL).items()}
+    cols["tokens"][17, 3, 1] = np.inf
+    cols["tokens"][20, 0, 0] = np.nan
+    cols["path"] = [f"cat/{i}.png" for i in cols["image_id"]]
+    shards.write_shard(p, cols, json.loads(pq.read_metadata(p).metadata[b"mmfm"]), row_group_rows=8)
+    s = stream(tmp_path, shuffle=shuffle, columns=["image_id", "tokens"])
+    seen = []
+    with pytest.raises(ValueError, match=r"s2\.parquet row 17 \(image cat/50\.png\): tokens has 1 non-finite values "
+                                         r"\(NaN/Inf\); 2 rows of this batch do\. mmfm encode leaves such an image "
+                                         r"out.*encoding the shard again mends it"):
+        for batch in s:
+            seen += batch["image_id"].tolist()
+    assert 50 not in seen and written["image_id"][50] == 50  # 10 + 23 rows before s2; the row never came out
+    refuse_non_finite(p, "cls", cols["cls"])  # finite columns pass
+    refuse_non_finite(p, "label", cols["label"])  # as do integers
+
+
+def test_all_finite_reads_the_exponent_bits():
+    from mmfm.data.stream import all_finite
+
+    for dtype in (np.float16, np.float32, np.float64):
+        info = np.finfo(dtype)
+        a = np.array([[0.0, -1.5, 6e4 if dtype == np.float16 else 1e30], [info.max, info.tiny, -0.0]], dtype)
+        assert all_finite(a) and all_finite(a[:, ::2])
+        for bad in (np.nan, np.inf, -np.inf):
+            b = a.copy()
+            b[1, 2] = bad
+            assert not all_finite(b) and not all_finite(b[:, ::2])
+    assert all_finite(np.array([1, 2])) and not all_finite(np.array([np.nan], np.longdouble))
+    big = np.zeros((50, 7), np.float16)
+    big[49, 6] = np.inf  # in the last of the slices of 3 rows
+    assert not all_finite(big, chunk=21) and all_finite(big[:49], chunk=21) and not all_finite(np.float32(np.nan))

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import pickle
 
 import numpy as np
@@ -149,3 +151,79 @@ def test_import_refuses_globals_a_gmm_pickle_does_not_need(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.pkl: refusing to load global (posix|os|nt)\.system"):
         import_released(pkl, tmp_path / "out.safetensors", allow_pickle=True)
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def small_gmm(k=3, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return DiagonalGMM(np.full(k, 1 / k), rng.standard_normal((k, d)), rng.uniform(0.5, 2, (k, d)))
+
+
+def test_verify_checks_tensors_against_metadata_and_sidecar(tmp_path):
+    from mmfm.recover import CorruptArtifact
+
+    path = tmp_path / "g.safetensors"
+    files.save_cls_gmm(path, small_gmm(), {"note": "x"})
+    assert files.verify(path)["k"] == 3 and files.verify(path)["note"] == "x"
+    side = json.loads(io.sidecar_path(path).read_text())
+    io.write_json(io.sidecar_path(path), {**side, "k": 5})
+    with pytest.raises(CorruptArtifact, match=r"g.json: 'k' is 5 but g.safetensors records 3") as e:
+        files.verify(path)
+    assert e.value.path == io.sidecar_path(path)
+    with pytest.raises(CorruptArtifact, match="g.json"):
+        files.read_sidecar(path)
+    # header metadata and tensors disagree (no sidecar)
+    g = small_gmm()
+    other = tmp_path / "h.safetensors"
+    io.save_tensors(other, {"weights": g.weights, "means": g.means, "variances": g.variances},
+                    {"kind": files.CLS_KIND, "k": 4, "dim": 4, "covariance": "diag"})
+    with pytest.raises(CorruptArtifact, match=r"h.safetensors: tensor 'weights' has shape \(3,\), its metadata imply \(4,\)"):
+        files.verify(other)
+    io.save_tensors(other, {"weights": g.weights}, {"kind": "something"})
+    with pytest.raises(CorruptArtifact, match="not a GMM file"):
+        files.verify(other)
+
+
+def test_verify_spatial_gmm_shapes(tmp_path):
+    from mmfm.recover import CorruptArtifact
+
+    k, c, h = 4, 6, 2
+    rng = np.random.default_rng(1)
+    spatial = {"means": rng.standard_normal((k, c * h * h)), "variances": rng.uniform(0.5, 1, k),
+               "weights": np.full(k, 0.25), "config": {"covariance_type": "spherical"}}
+    pkl = tmp_path / "spatial.pkl"
+    pkl.write_bytes(pickle.dumps(spatial))
+    out = tmp_path / "spatial.safetensors"
+    import_released(pkl, out, allow_pickle=True, channels=c)
+    assert files.verify(out)["grid"] == [h, h]
+    side = json.loads(io.sidecar_path(out).read_text())
+    meta = io.read_header(out)[1]
+    io.save_tensors(out, dict(io.open_tensors(out)[0]), {**meta, "token_dim": 3, "grid": [2, 4]})
+    io.write_json(io.sidecar_path(out), {**side, "token_dim": 3, "grid": [2, 4]})
+    with pytest.raises(CorruptArtifact, match=r"tensor 'means' has shape \(4, 4, 6\), spatial.json and its header "
+                                              r"imply \(4, 8, 3\)"):
+        files.verify(out)
+
+
+def test_damaged_gmm_file_is_named(tmp_path):
+    from mmfm.recover import CorruptArtifact
+
+    path = tmp_path / "g.safetensors"
+    files.save_cls_gmm(path, small_gmm(), {})
+    os.truncate(path, path.stat().st_size - 8)
+    for read in (files.load_cls_gmm, files.load_source, files.verify):
+        with pytest.raises(CorruptArtifact, match=r"g.safetensors: not a complete safetensors file \(truncated"):
+            read(path)
+
+
+def test_full_disk_leaves_the_previous_fit_and_sidecar(tmp_path, monkeypatch):
+    path = tmp_path / "g.safetensors"
+    files.save_cls_gmm(path, small_gmm(seed=0), {"note": "first"})
+    before = path.read_bytes(), io.sidecar_path(path).read_text()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(io.DiskFull, match=r"g.safetensors: no space left on the device \(needs \d+ bytes"):
+        files.save_cls_gmm(path, small_gmm(seed=1), {"note": "second"})
+    assert (path.read_bytes(), io.sidecar_path(path).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.json", "g.safetensors"]

@@ -39,7 +39,7 @@ def test_originals_are_exactly_the_unflipped_rows_in_order(tmp_path, chunk):
     assert np.array_equal(np.concatenate(got), originals)
     assert all(0 < len(x) <= chunk for x in got)  # a batch left empty (a lone mirror) is not yielded
     assert np.array_equal(np.concatenate([x for _, x in gdata.ParquetRows(paths).chunks(chunk)]), every)
-    where = [w for w, _ in gdata.ParquetRows(paths, rows="originals").chunks(1000)]
+    where = [str(w) for w, _ in gdata.ParquetRows(paths, rows="originals").chunks(1000)]
     assert where == [f"{paths[0]} original rows 0..22", f"{paths[1]} original rows 0..16"]
     assert [shards.count_originals(p) for p in paths] == [(46, 23), (34, 17)]
 
@@ -96,3 +96,21 @@ def test_originals_need_shards_with_a_flip_column(tmp_path):
     assert not (tmp_path / "b.safetensors").exists()
     with pytest.raises(ValueError, match=r"rows: expected one of \['all', 'originals'\], got 'mirrors'"):
         open_input(paths, rows="mirrors")
+
+
+@pytest.mark.parametrize("rows", ["all", "originals"])
+def test_a_non_finite_descriptor_is_named_by_shard_and_row(tmp_path, rows):
+    """The fit's checking pass names the shard and the row's index in the file (not in the chunk, nor among
+    the originals), whichever rows are fitted and however they are chunked."""
+    from mmfm.data.stream import read_shard
+
+    paths, _, _ = write_mirrored(tmp_path)
+    p = paths[1]
+    cols = {k: np.array(v) for k, v in read_shard(p, ("image_id", "flip", "cls", "tokens")).items()}
+    cols["cls"][12, 3] = np.nan  # an original row (even): the 7th original of the file
+    shards.write_shard(p, cols, shards.read_metadata(p), row_group_rows=8)
+    with pytest.raises(ValueError, match=r"shard-0001\.parquet row 12: cls has 1 non-finite values \(NaN/Inf\)"):
+        gdata.summarize(gdata.ParquetRows(paths, rows=rows), rows=5)
+    with pytest.raises(ValueError, match=r"shard-0001\.parquet row 12: cls has 1 non-finite"):
+        fit_cls_gmm(paths, 2, tmp_path / "cls.safetensors", rows=rows, max_iter=2, plot=False, progress=False)
+    assert not (tmp_path / "cls.safetensors").exists()

@@ -481,3 +481,53 @@ def test_map_memory_of_originals_holds_half_the_batch_in_float64():
         BASE_BYTES + 8 * m * n * d + 8 * m + n * d * (256 * 2 + 128 * (8 * 4 + 2))
     with pytest.raises(ValueError, match="rows_from: expected one of"):
         map_memory_bytes(m, n, d, "spherical", k=k, rows_from="some")
+
+
+def _spoil(path, column, row, value=np.nan, dtype=np.float32):
+    """Rewrite shard ``path`` with one value of ``column`` at ``row`` set to ``value`` (NaN by default)."""
+    from mmfm.data.stream import read_shard
+
+    meta = shards.read_metadata(path)
+    names = [c for c in ("image_id", "flip", "cls", "tokens") if c in shards.open_file(path).schema_arrow.names]
+    cols = {c: np.array(v) for c, v in read_shard(path, names).items()}
+    cols[column].reshape(len(cols[column]), -1)[row, 1] = value
+    cols["path"] = [f"c/{i}.png" for i in cols["image_id"]]
+    shards.write_shard(path, cols, meta, row_group_rows=16)
+
+
+@pytest.mark.parametrize("column", ["tokens", "cls"])
+def test_stats_refuse_a_non_finite_row_naming_shard_and_row(setup, column):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    _spoil(paths[1], column, 19, np.inf if column == "cls" else np.nan)
+    out = tmp / "x.safetensors"
+    with pytest.raises(ValueError, match=rf"shard-001\.parquet row 19 \(image c/1019\.png\): {column} has 1 "
+                                         r"non-finite values \(NaN/Inf\)\. mmfm encode leaves such an image out"):
+        spatial_stats(paths, gmm_path, out, rows=7)
+    assert not out.exists()
+
+
+def test_stats_name_the_row_in_the_file_with_originals(mirrored, tmp_path):
+    folder, paths, *_, gmm_path = mirrored
+    _spoil(paths[1], "tokens", 2 * 13)  # the 14th original of the second shard, row 26 of its file
+    with pytest.raises(ValueError, match=r"mirrored-001\.parquet row 26 \(image c/1013\.png\): tokens has 1 "):
+        spatial_stats(paths, gmm_path, tmp_path / "x.safetensors", rows_from="originals", flip=True, rows=5)
+    _spoil(paths[1], "tokens", 2 * 13, 1.0)  # repaired: the stored mirror's row is never read with originals
+    _spoil(paths[1], "tokens", 2 * 13 + 1)
+    spatial_stats(paths, gmm_path, tmp_path / "x.safetensors", rows_from="originals", flip=True, rows=5)
+
+
+def test_reduce_refuses_a_partial_with_non_finite_sums_naming_it_and_the_mode(setup):
+    tmp, paths, cls, tok, sk, gmm_path = setup
+    parts = []
+    for i, p in enumerate(paths):
+        parts.append(tmp / f"p{i}.safetensors")
+        spatial_stats(p, gmm_path, parts[-1])
+    tensors, meta = io.open_tensors(parts[2])
+    spoilt = {k: np.array(v) for k, v in tensors.items()}
+    spoilt["sum"][1, 0, 2] = np.nan
+    io.save_tensors(parts[2], spoilt, meta)
+    out = tmp / "spatial.safetensors"
+    with pytest.raises(ValueError, match=rf"p2\.safetensors: mode {int(spoilt['modes'][1])}: the partial's sums are "
+                                         "not finite"):
+        spatial_reduce(parts, out, block_modes=4)
+    assert not out.exists() and not io.sidecar_path(out).exists()

@@ -176,3 +176,16 @@ def test_missing_artifacts_are_notes_and_a_wrong_kind_is_an_error(tmp_path):
     (tmp_path / "artifacts" / "imagenet" / "train").write_text("not a folder")
     with pytest.raises(PlanError, match=r"^invalid config: data\.images: artifacts/imagenet/train is not a folder$"):
         validate(read_configfile(PRESET), tmp_path)
+
+
+def test_results_dir_names_the_files_and_keeps_the_bytes(capsys, tmp_path):
+    def files(cfg):
+        rc, out, _ = run(capsys, "--configfile", cfg, "--directory", tmp_path, "--json", "--disk", "1TB")
+        assert rc == 0
+        d = json.loads(out.strip().splitlines()[-1])
+        return [(f["path"], f["bytes"], f["count"]) for r in d["rules"].values() for f in r["files"]], d["total_bytes"]
+
+    default, total = files(ROOT / "config.yaml")
+    moved, moved_total = files(demo(tmp_path, results_dir="out/mine"))
+    assert moved_total == total and len(default) > 10
+    assert moved == [("out/mine" + p[len("results"):], n, c) for p, n, c in default]

@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -343,3 +344,86 @@ def test_export_ema_round_trip(tmp_path):
     fresh = net()
     fresh.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     assert torch.equal(fresh[0].weight, ema.shadow["0.weight"])
+
+
+def full_disk_after(monkeypatch, calls: int):
+    """posix_fallocate succeeds ``calls`` times, then the disk is full (and shows 1234 bytes free)."""
+    import collections
+    import errno
+    import os
+    import shutil
+
+    real, count = os.posix_fallocate, [0]
+
+    def fallocate(fd, offset, length):
+        count[0] += 1
+        if count[0] > calls:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, length)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1234))
+
+
+def test_full_disk_during_a_save_names_the_checkpoint_and_sizes_and_keeps_the_last(tmp_path, monkeypatch):
+    a = Run(seed=0)
+    a.train(3)
+    good = a.save(tmp_path)
+    files_before = {p.name: p.read_bytes() for p in good.iterdir()}
+    a.train(6)
+    full_disk_after(monkeypatch, 1)  # model.safetensors fits, ema.safetensors does not
+    with pytest.raises(io.DiskFull) as e:
+        a.save(tmp_path)
+    msg, err = str(e.value), e.value
+    params = sum(t.numel() * t.element_size() for t in a.model.state_dict().values())
+    assert msg.startswith(f"{tmp_path / 'step-0000006'}: no space left on the device (needs ")
+    assert err.needed > 2 * params and "1.2 kB (1234 bytes) free" in msg and err.free == 1234
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000003"]  # no save folder left
+    assert (tmp_path / "latest").read_text() == "step-0000003\n"
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == files_before
+    assert load_checkpoint(tmp_path, model=net(), ema=EMA(net()), optimizer=Run(1).opt,
+                           restore_rng=False)["step"] == 3
+
+
+def test_full_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypatch):
+    out = export_ema(tmp_path / "ema.safetensors", EMA(net()), {"step": 1})
+    before = out.read_bytes(), (tmp_path / "ema.json").read_text()
+    full_disk_after(monkeypatch, 0)
+    with pytest.raises(io.DiskFull, match=r"ema.safetensors: no space left on the device \(needs \d"):
+        export_ema(out, EMA(net()), {"step": 2})
+    assert (out.read_bytes(), (tmp_path / "ema.json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.json", "ema.safetensors"]
+
+
+def test_verify_checkpoint_and_damage_the_sizes_do_not_show(tmp_path, monkeypatch):
+    from mmfm.recover import CorruptArtifact
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "results" / "runs" / "r"
+    a = Run(seed=0)
+    a.train(2)
+    path = a.save(run_dir)
+    assert ckpt.verify_checkpoint(path) == 2
+    model = path / "model.safetensors"
+    raw = bytearray(model.read_bytes())
+    raw[12] ^= 0xFF  # the JSON header, same size
+    model.write_bytes(bytes(raw))
+    assert latest_checkpoint(run_dir) == path  # the sizes agree: only reading the header finds it
+    cmd = "rm -r results/runs/r/step-0000002 && snakemake --cores all"
+    for check in (lambda: ckpt.verify_checkpoint(path),
+                  lambda: load_checkpoint(run_dir, model=net(), ema=EMA(net()), optimizer=Run(1).opt)):
+        with pytest.raises(CorruptArtifact, match="JSON header does not parse") as e:
+            check()
+        assert str(e.value).startswith(f"{model}: not a complete safetensors file")
+        assert "remove the checkpoint and the run resumes from the previous complete one" in str(e.value)
+        assert str(e.value).endswith(cmd)
+    # outside a results folder: the folder to remove is named
+    b = Run(seed=0)
+    b.train(1)
+    other = b.save(tmp_path / "mine")
+    text = (other / "state.json").read_text()
+    first = re.search(r'"__tensor__": "([^"]+)"', text)[1]
+    (other / "state.json").write_text(text.replace(f'"{first}"', '"optimizer.state.nothing"', 1))
+    with pytest.raises(CorruptArtifact, match=r"missing tensor\(s\) \['optimizer.state.nothing'\].*: rm -r .*mine/step-0000001$"):
+        ckpt.verify_checkpoint(other)

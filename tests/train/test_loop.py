@@ -4,6 +4,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from toyrun import assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, weights
+from toyrun import META, assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, weights
 
+from mmfm.data import shards
 from mmfm.train import loop
 from mmfm.train import step as step_module
 from mmfm.train.config import TrainConfig
+from mmfm.train.evaluate import read_fd
 from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -223,7 +226,7 @@ def test_sigkill_then_resume_is_bit_identical(toy, tmp_path):
     assert metric_steps(out) == list(range(1, 61))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_stop_signal_checkpoints_and_exits(toy, tmp_path, signum):
     root, _ = toy
     cfg = config(root, "gmm", steps=400, checkpoint_every=1000)  # only the signal and the end checkpoint
@@ -393,6 +396,57 @@ def test_train_command_runs_resumes_and_reports(toy, tmp_path, capsys):
     assert third["resumed_from"] is None and third["step"] == 6
     assert sorted(p.name for p in (tmp_path / "run").glob("step-*")) == ["step-0000003", "step-0000006"]
     assert (tmp_path / "run" / ".lock").is_file()  # the lock file stays while the folder is emptied
+    (aside,) = tmp_path.glob("run.prev-*")  # the earlier run, kept aside (and named in the log)
+    assert str(aside) in out.err and not (aside / ".lock").exists()
+    assert sorted(p.name for p in aside.glob("step-*")) == ["step-0000003", "step-0000006"]
+    assert yaml.safe_load((aside / "train.yaml").read_text())["lr"] == 1e-3 and (aside / "ema.safetensors").is_file()
+
+
+def test_changed_data_starts_the_run_afresh_and_dropped_evaluation_leaves_no_curve(toy, tmp_path, capsys):
+    """The shards' fingerprint is a setting of the run: other data is not resumed (with --fresh-if-changed, a
+    fresh start; without, an error naming it), unchanged data is; a resume with eval_every 0 removes fd.csv."""
+    import json
+
+    import yaml
+
+    from mmfm.cli import main
+    from mmfm.data.fingerprint import inputs_fingerprint
+
+    root, _ = toy
+    data = tmp_path / "data"
+    shutil.copytree(root / "shards", data)
+    cfg = tmp_path / "run.yaml"
+    settings = config(root, steps=6, checkpoint_every=3, eval_every=3, eval_samples=8, eval_steps=2, eval_rows=32)
+    cfg.write_text(yaml.safe_dump({"train": settings}))
+    args = ["train", "--config", str(cfg), "--shards", str(data), "--out", str(tmp_path / "run"), "--json",
+            "--fresh-if-changed"]
+    assert main(args + ["--max-steps", "3"]) == 0
+    assert [r["step"] for r in read_fd(tmp_path / "run" / "fd.csv")] == [3]
+    before = inputs_fingerprint(data)
+    assert yaml.safe_load((tmp_path / "run" / "train.yaml").read_text())["data_fingerprint"] == before
+    capsys.readouterr()
+    shutil.copy2(data / "shard-0.parquet", tmp_path / "same.parquet")  # byte-identical data: resumed
+    shutil.copy2(tmp_path / "same.parquet", data / "shard-0.parquet")
+    cfg.write_text(yaml.safe_dump({"train": {**settings, "eval_every": 0, "steps": 4}}))
+    assert main(args + ["--max-steps", "1"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out.strip().splitlines()[-1])["resumed_from"].endswith("step-0000003")
+    assert not (tmp_path / "run" / "fd.csv").exists() and "eval_every is 0: removed" in out.err
+    # other images: one shard loses its last rows
+    from mmfm.data.stream import read_shard
+
+    got = read_shard(data / "shard-1.parquet", ("image_id", "label", "cls", "tokens"))
+    shards.write_shard(data / "shard-1.parquet", {k: np.asarray(v)[:-8] for k, v in got.items()}, META,
+                       row_group_rows=32)
+    assert inputs_fingerprint(data) != before
+    cfg.write_text(yaml.safe_dump({"train": {**settings, "steps": 4}}))
+    plain = [a for a in args if a != "--fresh-if-changed"]
+    assert main(plain) == 2 and f"data_fingerprint: '{before}' -> " in capsys.readouterr().err
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "trained with other settings (data_fingerprint): starting afresh" in out.err
+    assert json.loads(out.out.strip().splitlines()[-1])["resumed_from"] is None
+    assert len(list(tmp_path.glob("run.prev-*"))) == 1
 
 
 @pytest.mark.slow
@@ -453,3 +507,31 @@ def test_nfe_curve_command(toy, tmp_path, capsys):
     curve = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["curve"]
     assert [r["nfe"] for r in curve] == [1, 4] and all(r["fd"] > 0 for r in curve)
     assert out.read_text().splitlines()[0] == "step,nfe,fd" and len(out.read_text().splitlines()) == 3
+
+
+def test_the_export_records_the_shards_tokenizer_and_the_gmm_it_was_trained_with(toy, tmp_path):
+    """``ema.safetensors`` says what its tokens are (the shards' tokenizer metadata) and which noise it was
+    trained from (the spatial GMM file, its shape and fingerprint): ``mmfm sample --model`` needs nothing else."""
+    from mmfm import io
+    from mmfm.models.velocity import read_metadata, source_fingerprint
+
+    root, _ = toy
+    train(config(root, "gmm", steps=2, checkpoint_every=2), root / "shards", tmp_path / "gmm", progress=False)
+    meta = read_metadata(tmp_path / "gmm" / "ema.safetensors")
+    sh = shards.read_metadata(root / "shards" / "shard-0.parquet")
+    assert sh == META
+    assert meta["tokenizer"] == {"name": "toy", "path": None, "revision": "0", "image_size": None, "grid": [2, 2],
+                                 "token_dim": 2, "patch_size": None, "pool": None, "precision": "fp32",
+                                 "normalization": None, "decoder": None}
+    gmm_file = root / "spatial.safetensors"
+    assert meta["source"] == {"kind": "gmm", "file": str(gmm_file), "shape": [2, 4, 2],
+                              "bytes": gmm_file.stat().st_size, "sha256": source_fingerprint(gmm_file)["sha256"]}
+    assert json.loads((tmp_path / "gmm" / "ema.json").read_text()) == meta  # the sidecar says the same
+    # the fingerprint tells two fits of one shape apart (their weights), and follows the header
+    tensors, _ = io.open_tensors(gmm_file)
+    refit = {k: np.array(v) for k, v in tensors.items()}
+    refit["weights"] = np.array([0.4, 0.6])
+    io.save_tensors(tmp_path / "refit.safetensors", refit, {"kind": "spatial-gmm"})
+    assert source_fingerprint(tmp_path / "refit.safetensors")["sha256"] != meta["source"]["sha256"]
+    train(config(root, steps=2, checkpoint_every=2), root / "shards", tmp_path / "gauss", progress=False)
+    assert read_metadata(tmp_path / "gauss" / "ema.safetensors")["source"] == {"kind": "gaussian"}

@@ -48,7 +48,7 @@ def test_schema_train_keys_are_train_config_fields():
     schema = yaml.safe_load(SCHEMA.read_text())
     listed = set(schema["$defs"]["train"]["properties"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    set_by_workflow = {"source", "coupling", "conditioning", "gmm", "cls_gmm"}
+    set_by_workflow = {"source", "coupling", "conditioning", "gmm", "cls_gmm", "data_fingerprint"}
     assert listed == fields - set_by_workflow
 
 
@@ -174,3 +174,98 @@ def test_presets_use_the_releases_rows_and_precision(preset):
     assert cfg["gmm"]["rows"] == "originals"
     assert cfg["spatial"]["rows_from"] == "originals" and cfg["spatial"]["flip"] is True
     assert cfg["encoder"]["precision"] == "fp32"
+
+
+def _image_folder(root: Path, counts: dict[str, int], other: dict[str, list[str]] | None = None) -> Path:
+    from PIL import Image
+
+    folder = root / "imgs"
+    for cls, n in counts.items():
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / cls / f"{i}.png")
+    for cls, names in (other or {}).items():
+        (folder / cls).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / cls / name).write_text("not an image")
+    return folder
+
+
+def folder_config(folder: Path, k: int, flip: bool = False) -> dict:
+    cfg = default_config()
+    cfg["data"].update(source="folder", images=str(folder))
+    cfg["gmm"]["k"] = k
+    cfg["shards"]["flip"] = flip
+    assert problems(cfg) == []
+    return cfg
+
+
+def test_image_folder_checked_before_any_job(tmp_path):
+    """gmm.k against the images the listing counts (mirrors count when the fit uses them), empty classes and
+    classes without a readable extension named, before any job."""
+    folder = _image_folder(tmp_path, {"a": 3, "b": 2})
+    mc.check(folder_config(folder, 5), tmp_path)
+    with pytest.raises(mc.ConfigError, match=r"^gmm\.k: 6 modes need at least 6 rows .* holds 5$"):
+        mc.check(folder_config(folder, 6), tmp_path)
+    mc.check(folder_config(folder, 10, flip=True), tmp_path)  # 5 images and their 5 mirrors
+    cfg = folder_config(folder, 10, flip=True)
+    cfg["gmm"]["rows"] = "originals"  # the fit leaves the mirrors out
+    with pytest.raises(mc.ConfigError, match="gmm.k: 10 modes"):
+        mc.check(cfg, tmp_path)
+    (folder / "c").mkdir()
+    with pytest.raises(mc.ConfigError, match=r"^data\.images: class folder .*/c holds no image; readable"):
+        mc.check(folder_config(folder, 2), tmp_path)
+    (folder / "c" / "notes.txt").write_text("x")
+    with pytest.raises(mc.ConfigError, match=r"class folder .*/c holds no image \(it holds notes\.txt\)"):
+        mc.check(folder_config(folder, 2), tmp_path)
+
+
+def test_digits_k_is_checked_against_the_demo(tmp_path):
+    cfg = default_config()
+    cfg["gmm"]["k"] = mc.DIGITS_IMAGES + 1
+    with pytest.raises(mc.ConfigError, match=f"gmm.k: {mc.DIGITS_IMAGES + 1} modes .* the digits demo has 1797"):
+        mc.check(cfg, ROOT)
+    cfg["shards"]["flip"] = True  # the mirrors double the rows
+    mc.check(cfg, ROOT)
+
+
+def test_fid_without_inception_weights_is_named(tmp_path, monkeypatch):
+    cfg = default_config()
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(b"")
+    cfg["eval"].update(metric="fid", reference=str(ref))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(mc.ConfigError, match=r"^eval\.inception: metric fid needs .*torch/hub/checkpoints/pt_incep"):
+        mc.check(cfg, ROOT)
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / mc.FID_WEIGHTS_FILE).write_bytes(b"")
+    mc.check(cfg, ROOT)  # the torch hub cache holds them
+
+
+def test_disk_warning_compares_the_shards_with_free_space(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    cfg = default_config()
+    geo_bytes = 1797 * (16 * 12 + 12) * 4  # the demo's pixels tokens (4 x 4 grid of 12) and its descriptor
+    cfg["shards"]["dtype"] = "float32"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, geo_bytes))
+    assert mc.disk_warnings(cfg, tmp_path) == []
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, geo_bytes - 1))
+    (warning,) = mc.disk_warnings(cfg, tmp_path)
+    assert warning.startswith("results_dir: results has 0.0 GB free; the latent shards alone will take")
+
+
+def test_results_dir_moves_every_output(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                          str(tmp_path), "-n", "--config", "results_dir=mine/out"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    paths = [w for w in res.stdout.split() if "/" in w and w.rstrip(",").endswith((".json", ".parquet", ".log",
+                                                                                     ".safetensors", ".npz"))]
+    assert paths and all(p.rstrip(",").startswith("mine/out/") for p in paths), paths[:20]
+    assert "mine/out/summary.json" in res.stdout

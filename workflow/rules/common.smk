@@ -1,4 +1,4 @@
-# Paths and helpers shared by the rules. Every output lives under results/ (design.md §3):
+# Paths and helpers shared by the rules. Every output lives under results_dir (default results/; design.md §3):
 #   results/digits/                      the demo's image folder
 #   results/shards/shard-XXXX.parquet    latent shards
 #   results/gmm/cls.safetensors          CLS GMM (+ .json, _weights.png)
@@ -8,7 +8,7 @@
 #   results/eval/{run}/nfe_curve.csv, final.json
 #   results/toy_r10/, results/report/, results/summary.json, results/logs/, results/benchmarks/
 
-RESULTS = "results"
+RESULTS = mc.results_dir(config)
 LOGS = f"{RESULTS}/logs"
 BENCH = f"{RESULTS}/benchmarks"
 CLS_GMM = f"{RESULTS}/gmm/cls.safetensors"
@@ -167,6 +167,7 @@ def report_inputs():
         "curves": expand(f"{RESULTS}/eval/{{run}}/nfe_curve.csv", run=runs),
         "finals": expand(f"{RESULTS}/eval/{{run}}/final.json", run=runs),
         "samples": expand(f"{RESULTS}/samples/{{run}}/nfe-{mc.final_nfe(config)}.npz", run=runs),
+        "shards": shard_files(),  # their metadata: images encoded and bad images (summary.json "data")
     }
     if mc.any_gmm(config):
         out["gmm"] = SPATIAL_GMM

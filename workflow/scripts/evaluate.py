@@ -11,10 +11,12 @@ and final.json ({"metric", <metric>, "nfe", "n", "step"}), each whole or not at 
 
 import csv
 import re
+import faulthandler
 import sys
 from pathlib import Path
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
+faulthandler.enable(sys.stderr)  # a fatal signal (SIGBUS, SIGSEGV) leaves its traceback in the log
 
 
 from mmfm import io  # noqa: E402

@@ -1,8 +1,10 @@
 """fit_cls_gmm: the diagonal K-mode GMM of the shards' CLS descriptors (mmfm.gmm.fit.fit_cls_gmm)."""
 
+import faulthandler
 import sys
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
+faulthandler.enable(sys.stderr)  # a fatal signal (SIGBUS, SIGSEGV) leaves its traceback in the log
 
 from mmfm.config import job_device  # noqa: E402
 from mmfm.gmm.fit import fit_cls_gmm  # noqa: E402

@@ -1,6 +1,10 @@
 """sample: one sample set of a run at one NFE through `mmfm sample` (mmfm.cli), decoded to ADM .npz + PNG grid;
 one process per GPU of the job, one agent per node for a `nodes > 1` run (per-sample seeds: the same set
-either way)."""
+either way).
+
+The export records its tokenizer, normalization and source; the config's encoder, decoder and GMM passed here
+override the record, and `mmfm sample` stops before sampling, naming the file and both sides, where they
+contradict it (another tokenizer, patch size, statistics, or a GMM of other shape)."""
 
 import os
 import sys

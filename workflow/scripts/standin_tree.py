@@ -5,7 +5,8 @@
 
 Every path of :func:`mmfm.config.artifacts` (image folder, encoder folder, normalization statistics,
 decoder, FID reference, Inception weights, guide files) is created under ROOT (relative paths) as an
-empty folder or file, so the workflow's start-up checks pass and ``snakemake -n`` lists the full DAG.
+empty folder or file (the image folder: one class of ``gmm.k`` empty image files), so the workflow's
+start-up checks pass and ``snakemake -n`` lists the full DAG.
 Nothing here is a usable artifact: a real run needs the files README.md describes. Absolute paths in
 the config are left alone (and reported if missing). Not a Snakemake script; run it by hand or from
 tests/workflow.
@@ -35,9 +36,12 @@ def build(config_path: str | Path, root: str | Path) -> list[Path]:
                 print(f"{art.key}: {p} is absolute and missing; not created", file=sys.stderr)
             continue
         p = root / p
-        if art.folder:
-            (p / "class0").mkdir(parents=True, exist_ok=True) if art.key == "data.images" else p.mkdir(
-                parents=True, exist_ok=True)
+        if art.key == "data.images":  # one class of gmm.k empty image files: the start-up checks count them
+            (p / "class0").mkdir(parents=True, exist_ok=True)
+            for i in range(int((config.get("gmm") or {}).get("k", 1))):
+                (p / "class0" / f"standin_{i:05d}.JPEG").touch()
+        elif art.folder:
+            p.mkdir(parents=True, exist_ok=True)
         else:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.touch()

@@ -1,9 +1,11 @@
 """toy_r10: the paper's R^10 Compact/Spread table (mmfm.toy.r10)."""
 
+import faulthandler
 import sys
 from pathlib import Path
 
 sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
+faulthandler.enable(sys.stderr)  # a fatal signal (SIGBUS, SIGSEGV) leaves its traceback in the log
 
 from mmfm.toy import r10  # noqa: E402
 

@@ -7,15 +7,51 @@ from the latest one (`--fresh-if-changed`: a checkpoint written with other setti
 resumed run may change, makes the run start afresh).
 """
 
+import faulthandler
 import os
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-log = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (Snakemake's object)
-os.dup2(log.fileno(), 1)  # the workers write here too
-os.dup2(log.fileno(), 2)
-sys.stdout = sys.stderr = log
+# Everything this job and its workers print goes to the job's log and is appended to RUN/train.log: Snakemake
+# deletes the job's log before every attempt (a retry, a rerun beside a trainer orphaned by kill -9 of
+# Snakemake), the run folder's log keeps every attempt.
+run_dir = Path(snakemake.params.run_dir)  # noqa: F821 (Snakemake's object)
+run_dir.mkdir(parents=True, exist_ok=True)
+logs = [open(snakemake.log[0], "wb", buffering=0), open(run_dir / "train.log", "ab", buffering=0)]  # noqa: F821
+read_end, write_end = os.pipe()
+os.dup2(write_end, 1)  # the workers write here too
+os.dup2(write_end, 2)
+os.close(write_end)
+
+
+def _tee() -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        for chunk in iter(lambda: pipe.read(1 << 16), b""):
+            for f in logs:
+                f.write(chunk)
+
+
+tee = threading.Thread(target=_tee, daemon=True)
+tee.start()
+sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+faulthandler.enable(sys.stderr)
+
+
+def _close_logs() -> None:
+    """At exit: end the pipe (fds 1 and 2) so the tee writes out what is left."""
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    tee.join(timeout=10)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_close_logs)
 
 import yaml  # noqa: E402
 
@@ -23,7 +59,6 @@ import mmfm.config as mc  # noqa: E402
 from mmfm.cli import main  # noqa: E402
 
 sm = snakemake  # noqa: F821
-run_dir = Path(sm.params.run_dir)
 if Path(sm.output.ema) != run_dir / "ema.safetensors":
     raise ValueError(f"{sm.output.ema}: the train rule's output must be the run folder's ema.safetensors")
 settings = mc.with_gmm_files(sm.params.train, sm.input.get("gmm"), sm.input.get("cls_gmm"))
@@ -32,7 +67,7 @@ with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=Path(sm.log[0]).parent
     yaml.safe_dump(settings, f, sort_keys=False)  # the run's settings (mmfm train copies them to train.yaml)
 argv = ["train", "--config", f.name, "--shards", *sm.input.shards, "--out", str(run_dir), "--fresh-if-changed",
         "--json", *flags]
-print("mmfm " + " ".join(argv), flush=True)
+print(f"---- {time.strftime('%Y-%m-%d %H:%M:%S')} mmfm " + " ".join(argv), flush=True)
 try:
     code = main(argv)
 finally:

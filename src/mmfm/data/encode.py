@@ -6,9 +6,13 @@ DataLoader workers, batched, encoded (in the tokenizer's precision), optionally 
 (:mod:`mmfm.encoders.normalization`), and streamed into a Parquet shard row group by row group
 (design.md §4), under a temporary name renamed into place when complete.
 
-**Bad images** (unreadable, truncated, zero-byte, not an image, short side below ``min_side``) follow
-``on_bad_image``: ``"skip"`` logs each one with its path and reason on stderr and records them (count
-and paths) in the shard metadata; ``"fail"`` stops with the path and reason, and nothing is written.
+**Bad images** (unreadable, truncated, zero-byte, not an image, a file without a supported extension
+(:data:`mmfm.data.images.EXTENSIONS`), short side below ``min_side``, or a latent that is not finite:
+NaN or Inf in its CLS descriptor or token grid, or in those of its mirror with ``flip``) follow
+``on_bad_image``: ``"skip"`` logs each one with its path and reason on stderr and records them in the
+shard metadata (``bad_images``: ``count``, every ``paths``, and, when there are any, the first
+:data:`BAD_EXAMPLES` as ``examples``, ``{"path", "reason"}``); ``"fail"`` stops with the path and
+reason, and nothing is written. A non-finite latent never reaches a shard.
 
 **Flips.** With ``flip`` each image also gives a row for its horizontal mirror (``flip = true``),
 right after the unflipped row, so that later stages can use method.md §3.3's flip without decoding
@@ -39,12 +43,15 @@ import torch
 from PIL import Image
 
 from mmfm.data import shards
-from mmfm.data.images import ImageItem, center_crop_arr, list_images, shard_range
+from mmfm.data.images import ImageItem, center_crop_arr, list_images, shard_range, supported, unsupported_reason
 from mmfm.encoders.normalization import LatentNorm, Welford, save_norm_stats
 from mmfm.io import atomic_path
+from mmfm.progress import progress as progress_bar
 
 BAD_IMAGE_POLICIES = ("skip", "fail")
 STORAGE_DTYPES = ("float16", "float32")
+#: Bad images recorded with their reason in a shard's metadata (all are in ``paths``).
+BAD_EXAMPLES = 20
 
 
 class CroppedImages(torch.utils.data.Dataset):
@@ -59,6 +66,8 @@ class CroppedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path = self.items[i].path
+        if not supported(path):
+            return i, None, unsupported_reason(path)
         try:
             with Image.open(path) as img:
                 img.load()  # decodes fully: a truncated file raises here
@@ -100,15 +109,50 @@ class _BadImages:
     def __init__(self, policy: str, items: list[ImageItem]):
         if policy not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image: expected one of {BAD_IMAGE_POLICIES}, got {policy!r}")
-        self.policy, self.items, self.paths = policy, items, []
+        self.policy, self.items, self.paths, self.examples = policy, items, [], []
 
     def __call__(self, bad):
         for i, why in bad:
             path = self.items[i].path
             if self.policy == "fail":
                 raise ValueError(f"{path}: bad image ({why}); on_bad_image is 'fail' (use 'skip' to leave it out)")
-            print(f"mmfm encode: skipped {path}: {why}", file=sys.stderr)
+            print(f"mmfm encode: skipped {path}: {why}", file=sys.stderr, flush=True)
             self.paths.append(str(path))
+            if len(self.examples) < BAD_EXAMPLES:
+                self.examples.append({"path": str(path), "reason": why})
+
+    def metadata(self) -> dict:
+        """``{"policy", "count", "paths"}``, and ``examples`` when there are bad images (so a clean shard's
+        footer is the one :mod:`mmfm.plan.artifacts` sizes)."""
+        return {"policy": self.policy, "count": len(self.paths), "paths": self.paths,
+                **({"examples": self.examples} if self.examples else {})}
+
+
+def _non_finite(cls: torch.Tensor, tokens: torch.Tensor, flip: bool) -> list[tuple[int, str]]:
+    """``[(image, reason)]`` for the images of a batch whose latent holds NaN or Inf.
+
+    ``cls (B', Dc)`` and ``tokens (B', N, D)`` as the tokenizer (and normalization) gave them, ``B' = 2 B``
+    with ``flip`` (each image followed by its mirror); ``image`` indexes the ``B`` images."""
+    reps = 2 if flip else 1
+    bad_cls = (~torch.isfinite(cls.reshape(len(cls), -1))).sum(1).reshape(-1, reps)
+    bad_tok = (~torch.isfinite(tokens.reshape(len(tokens), -1))).sum(1).reshape(-1, reps)
+    out = []
+    for i in torch.nonzero((bad_cls + bad_tok).sum(1)).flatten().tolist():
+        what = []
+        for r, name in enumerate(("", " of its mirror")[:reps]):
+            for col, counts, width in (("cls", bad_cls, cls[0].numel()), ("tokens", bad_tok, tokens[0].numel())):
+                if counts[i, r]:
+                    what.append(f"{col}{name}: {int(counts[i, r])} of {width} values NaN/Inf")
+        out.append((i, f"non-finite latent ({'; '.join(what)})"))
+    return out
+
+
+def _drop_images(index: torch.Tensor, rows: list[torch.Tensor], bad: list[tuple[int, str]], reps: int):
+    """``index (B,)`` and the per-row tensors ``(B * reps, ...)`` without the images ``bad`` names."""
+    keep = torch.ones(len(index), dtype=torch.bool)
+    keep[[i for i, _ in bad]] = False
+    per_row = keep.repeat_interleave(reps)
+    return index[keep], [r[per_row.to(r.device)] for r in rows]
 
 
 def _schema(cls_dim: int, tokens_width: int, dtype) -> pa.Schema:
@@ -149,8 +193,6 @@ def encode_folder(
     ``token_dim``, ``cls_dim``, ``encode``, ``metadata``). Tokens are stored in ``dtype``
     (``float16`` or ``float32``), the descriptor in float32.
     """
-    from tqdm.auto import tqdm
-
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype: expected one of {STORAGE_DTYPES}, got {dtype!r}")
     for key, value in (("batch_size", batch_size), ("row_group_rows", row_group_rows)):
@@ -187,10 +229,9 @@ def encode_folder(
     t0 = time.perf_counter()
     gpu = torch.device(device).type == "cuda"
     with atomic_path(out) as tmp:
-        writer = pq.ParquetWriter(tmp, schema, compression=shards.COMPRESSION, use_dictionary=["path"],
-                                  write_statistics=shards.STATISTICS)
+        writer = pq.ParquetWriter(tmp, schema, **shards.WRITE_OPTIONS)  # with page checksums
         try:
-            bar = tqdm(total=len(items), desc=f"encode {out.name}", unit="img", disable=not progress)
+            bar = progress_bar(total=len(items), desc=f"encode {out.name}", unit="img", disable=not progress)
             for index, imgs, bad_here in image_batches(items, tokenizer.image_size, batch_size, num_workers,
                                                        min_side, pin_memory=gpu):
                 bad(bad_here)
@@ -203,22 +244,29 @@ def encode_folder(
                 tokens = tokens.float()
                 if norm is not None:
                     tokens = norm.normalize(tokens)
-                tok = tokens.reshape(len(x), -1).to("cpu", torch.float32).numpy().astype(dtype)
-                if not np.isfinite(tok).all():
-                    raise ValueError(f"{out}: non-finite token values in {dtype} (overflow?); "
-                                     "store float32 or normalize the tokens")
-                sel = [items[i] for i in index.tolist()]
+                cls, tokens = cls.to("cpu", torch.float32), tokens.to("cpu", torch.float32)
                 reps = 2 if flip else 1
+                nonfinite = _non_finite(cls, tokens, flip)
+                if nonfinite:  # bad images: skipped (their rows dropped) or the job fails, naming them
+                    bad([(int(index[i]), why) for i, why in nonfinite])
+                    index, (cls, tokens) = _drop_images(index, [cls, tokens], nonfinite, reps)
+                    if not len(index):
+                        continue
+                tok = tokens.reshape(len(tokens), -1).numpy().astype(dtype)
+                if not np.isfinite(tok).all():
+                    first = int(np.flatnonzero(~np.isfinite(tok).all(1))[0]) // reps
+                    raise ValueError(f"{out}: {items[int(index[first])].path}: token values overflow {dtype}; "
+                                     "store float32 (shards.dtype) or normalize the tokens")
+                sel = [items[i] for i in index.tolist()]
                 pending.append(pa.RecordBatch.from_arrays([
                     pa.array(np.repeat([it.index for it in sel], reps), pa.int64()),
                     pa.array(np.repeat([it.label for it in sel], reps), pa.int32()),
                     pa.array([str(it.path.relative_to(root)) for it in sel for _ in range(reps)], pa.string()),
                     pa.array(np.tile([False, True], len(sel)) if flip else np.zeros(len(sel), bool)),
-                    pa.FixedSizeListArray.from_arrays(
-                        pa.array(cls.to("cpu", torch.float32).numpy().reshape(-1)), tokenizer.cls_dim),
+                    pa.FixedSizeListArray.from_arrays(pa.array(cls.numpy().reshape(-1)), tokenizer.cls_dim),
                     shards.tokens_array(tok),
                 ], schema=schema))
-                rows += len(x)
+                rows += len(tok)
                 if sum(len(b) for b in pending) >= row_group_rows:
                     writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=row_group_rows)
                     pending = []
@@ -226,7 +274,7 @@ def encode_folder(
             if pending:
                 writer.write_table(pa.Table.from_batches(pending, schema), row_group_size=row_group_rows)
             meta = {**settings, "settings_digest": settings_digest, "rows": rows,
-                    "bad_images": {"policy": on_bad_image, "count": len(bad.paths), "paths": bad.paths},
+                    "bad_images": bad.metadata(),
                     "seconds": time.perf_counter() - t0}
             writer.add_key_value_metadata({shards.META_KEY.decode(): json.dumps(meta)})
         finally:
@@ -252,10 +300,9 @@ def compute_norm_stats(
     """Per-position token statistics over ``num_images`` images drawn without replacement (seeded)
     from the folder, with their mirrors when ``flip`` (RAE's statistics saw flipped images), in
     float64 (:class:`~mmfm.encoders.normalization.Welford`, ``n - 1``). Writes ``var`` (and ``mean``
-    with ``keep_mean``; RAE's and MM-FM's default is variance-only) to ``out``.
+    with ``keep_mean``; RAE's and MM-FM's default is variance-only) to ``out``. An image whose latent
+    is not finite is a bad image (``on_bad_image``), left out of the statistics.
     """
-    from tqdm.auto import tqdm
-
     root = Path(images)
     items, _ = list_images(root)
     if not (isinstance(num_images, int) and num_images >= 2):
@@ -264,7 +311,7 @@ def compute_norm_stats(
     chosen = [items[i] for i in pick]
     bad = _BadImages(on_bad_image, chosen)
     acc = Welford()
-    bar = tqdm(total=len(chosen), desc="norm-stats", unit="img", disable=not progress)
+    bar = progress_bar(total=len(chosen), desc="norm-stats", unit="img", disable=not progress)
     for index, imgs, bad_here in image_batches(chosen, tokenizer.image_size, batch_size, num_workers,
                                                pin_memory=torch.device(device).type == "cuda"):
         bad(bad_here)
@@ -272,8 +319,15 @@ def compute_norm_stats(
         if imgs is None:
             continue
         with torch.no_grad():
-            _, tokens = tokenizer.encode(_to_model(imgs, device, flip))
-        acc.update(tokens.float())
+            cls, tokens = tokenizer.encode(_to_model(imgs, device, flip))
+        tokens = tokens.float()
+        nonfinite = _non_finite(cls.float(), tokens, flip)  # on the device: only counts come back
+        if nonfinite:
+            bad([(int(index[i]), why) for i, why in nonfinite])
+            index, (tokens,) = _drop_images(index, [tokens], nonfinite, 2 if flip else 1)
+            if not len(index):
+                continue
+        acc.update(tokens)
     bar.close()
     var = acc.variance(ddof=1).numpy()
     mean = acc.mean.numpy() if keep_mean else None

@@ -9,6 +9,18 @@
 - :func:`list_images`: a torchvision-style class folder (one subfolder per class, sorted names give
   labels ``0..C-1``), files sorted within each class: a deterministic order, and
   :func:`shard_range` a deterministic split of it.
+
+**Supported images** (:data:`EXTENSIONS`): every format the installed Pillow decodes, chosen by the
+file's extension, case-insensitive. The list is Pillow's registered extensions
+(``PIL.Image.registered_extensions()``) of the formats it can open, less those it only names without
+decoding them (:data:`NOT_DECODED`: BUFR, GRIB, HDF5 and WMF stubs, EPS/PS, which needs Ghostscript,
+MPEG). With Pillow 11-13 that is JPEG (``.jpg .jpeg .jpe .jfif``), PNG/APNG, GIF, WebP, TIFF, BMP/DIB,
+AVIF, JPEG 2000, PPM/PGM/PBM/PNM/PFM, TGA, ICO/CUR, ICNS, PSD, PCX, QOI, SGI, DDS, FITS, XBM, XPM and
+a few rarer ones (``python -c "import mmfm.data.images as m; print(*m.EXTENSIONS)"`` prints them).
+Animations (GIF, APNG, WebP, multi-page TIFF) give their first frame; every mode becomes RGB
+(:func:`to_rgb`). A file in a class folder without a supported extension is listed all the same and
+counted as a bad image with its path (``mmfm encode``'s ``on_bad_image``): no file is left out
+silently. Hidden files (a leading ``.``) are ignored.
 """
 
 from __future__ import annotations
@@ -20,7 +32,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: Formats Pillow registers an opener for but does not decode (stubs, or an external program needed).
+NOT_DECODED = frozenset({"BUFR", "GRIB", "HDF5", "WMF", "EPS", "MPEG"})
+#: The extensions of the images read (lower case, sorted; module doc, "Supported images").
+EXTENSIONS = tuple(sorted(ext.lower() for ext, fmt in Image.registered_extensions().items()
+                          if fmt in Image.OPEN and fmt not in NOT_DECODED))
+
+
+def supported(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has an image extension of :data:`EXTENSIONS` (case-insensitive)."""
+    return Path(path).suffix.lower() in EXTENSIONS
+
+
+def unsupported_reason(path: str | os.PathLike) -> str:
+    """Why a listed file is not read (the bad-image reason)."""
+    suffix = Path(path).suffix
+    return (f"unsupported extension {suffix!r}" if suffix else "no file extension") + \
+        " (not an image format Pillow decodes; see mmfm.data.images.EXTENSIONS)"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -67,8 +95,10 @@ class ImageItem:
 def list_images(root: str | os.PathLike) -> tuple[list[ImageItem], list[str]]:
     """``(items, class names)`` of a class folder, in a deterministic order.
 
-    Classes are the sorted subfolder names; files are sorted within each class; hidden files and
-    files without an image extension are ignored. An empty class folder is an error naming it.
+    Classes are the sorted subfolder names; files are sorted within each class; hidden files are
+    ignored. Files without a supported extension (:func:`supported`) are listed too, in their place, so
+    that ``mmfm encode`` counts them as bad images rather than leaving them out silently. A class folder
+    without a supported image is an error naming it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -78,10 +108,11 @@ def list_images(root: str | os.PathLike) -> tuple[list[ImageItem], list[str]]:
         raise ValueError(f"{root}: expected one subfolder per class, found none")
     items: list[ImageItem] = []
     for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir()
-                       if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in EXTENSIONS)
-        if not files:
-            raise ValueError(f"{root / name}: class folder holds no images ({', '.join(EXTENSIONS)})")
+        files = sorted(p for p in (root / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        if not any(supported(p) for p in files):
+            raise ValueError(f"{root / name}: class folder holds no images ({len(files)} other file(s); images are "
+                             "the files Pillow decodes: .jpg, .png, .gif, .webp, .tiff, .bmp, ..., see "
+                             "mmfm.data.images.EXTENSIONS)")
         start = len(items)
         items.extend(ImageItem(start + i, label, p) for i, p in enumerate(files))
     return items, classes

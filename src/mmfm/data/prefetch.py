@@ -6,7 +6,9 @@ thread, ``depth`` batches ahead of the consumer. Per batch the thread
 - takes the stream's ``state_dict()`` right after the batch, so a checkpoint stores the position of the
   last batch *consumed*, not of the last one read ahead (resume stays exact);
 - checks on the host what a device must not be asked to read back: every token and descriptor finite,
-  every label in ``[0, num_labels)`` (the error names the column and the shard rows' batch);
+  every label in ``[0, num_labels)``. A :class:`~mmfm.data.stream.ShardStream` checks finiteness itself
+  as it reads each row group (``checks_finite``; its error names the shard file, the row and the image),
+  so the thread checks values only for other streams; the label check names the batch;
 - copies the numeric columns into page-locked (pinned) memory when the target is a CUDA device, so
   ``to(device, non_blocking=True)`` overlaps with compute; the columns keep their stored dtype (float16
   tokens cross the bus as float16 and are converted on the device, :func:`to_device`).
@@ -36,6 +38,7 @@ class Prefetch:
 
     def __init__(self, stream, *, pin: bool = False, num_labels: int | None = None, depth: int = 2):
         self.stream, self.pin, self.num_labels = stream, pin, num_labels
+        self._check_finite = not getattr(stream, "checks_finite", False)  # a ShardStream checks as it reads
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(depth)))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mmfm-prefetch", daemon=True)
@@ -45,7 +48,7 @@ class Prefetch:
         out = {}
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                if self._check_finite and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                     bad = int((~torch.isfinite(value)).sum())
                     raise ValueError(f"shards: column {name!r} of batch {index} of this run (stream state "
                                      f"{self.stream.state_dict()}) holds {bad} non-finite values")

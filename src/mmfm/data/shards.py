@@ -15,12 +15,19 @@ value whose field metadata names the dtype (:func:`tokens_field`). In pandas a r
 by the row of its horizontal mirror (``flip = true``, the same ``image_id``). A stage that wants the
 images as encoded only (``gmm.rows`` / ``spatial.rows_from: originals``) reads
 ``iter_columns(..., originals=True)``, which filters on that column alone.
+
+Shards are written with Parquet page checksums (CRC-32 of every page, :data:`WRITE_OPTIONS`) and read with
+their verification on (:func:`open_file`): a flipped bit, a truncated file, a footer that does not parse
+or a missing column raise :class:`mmfm.recover.CorruptArtifact`, which names the shard and ends with the
+command that rebuilds it and everything after it. :func:`verify_shard` reads every page of a shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmfm.io import atomic_path
+from mmfm.recover import CorruptArtifact, locate
 
 META_KEY = b"mmfm"
 #: The column that marks a stored mirror (``True``) of the image in the row before it (``False``).
@@ -41,6 +49,14 @@ ROW_SETS = ("all", "originals")
 COMPRESSION = {"path": "snappy", "image_id": "none", "label": "none", "flip": "none", "cls": "none",
                "tokens": "none"}
 STATISTICS = ["image_id", "label", "flip"]  # min/max of a 200 KB binary value helps nobody
+#: ``pq.ParquetWriter`` options of every shard writer (``mmfm encode`` too): per-column compression and
+#: statistics, and a CRC-32 checksum in every page header, which the readers verify.
+WRITE_OPTIONS = {"compression": COMPRESSION, "use_dictionary": ["path"], "write_statistics": STATISTICS,
+                 "write_page_checksum": True}
+#: The columns every stage reads, and the ``mmfm`` metadata fields it relies on.
+REQUIRED_COLUMNS = ("label", "cls", "tokens")
+REQUIRED_META = ("encoder", "grid", "token_dim", "cls_dim")
+_READ_ERRORS = (OSError, pa.ArrowException, EOFError)
 
 
 def resolve(spec: str | os.PathLike | list, suffix: str = ".parquet") -> list[Path]:
@@ -72,16 +88,40 @@ def read_metadata(path: str | os.PathLike) -> dict:
     ``parquet_kv_metadata``), not from the Arrow schema: ``mmfm encode`` adds it when it closes the
     file, once the count of skipped images is known.
     """
+    if not Path(path).is_file():
+        raise _missing(path)
     try:
         kv = pq.read_metadata(path).metadata or {}
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    except _READ_ERRORS as err:
+        raise CorruptArtifact(path, f"not a readable Parquet file ({err})") from None
     raw = kv.get(META_KEY)
-    return json.loads(raw) if raw else {}
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptArtifact(path, f"its {META_KEY.decode()!r} footer metadata does not parse ({err})") from None
+    if not isinstance(meta, dict):
+        raise CorruptArtifact(path, f"its {META_KEY.decode()!r} footer metadata is not a JSON object")
+    return meta
 
 
 def num_rows(path: str | os.PathLike) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+    return open_file(path).metadata.num_rows
+
+
+def _missing(path) -> ValueError:
+    return CorruptArtifact(path, "no such file") if locate(path) else ValueError(f"{path}: no such file")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a read error inside (a page whose checksum fails, a truncated column chunk) into
+    :class:`~mmfm.recover.CorruptArtifact` naming the shard ``path``."""
+    try:
+        yield
+    except CorruptArtifact:
+        raise
+    except _READ_ERRORS as err:
+        raise CorruptArtifact(path, f"damaged Parquet data ({type(err).__name__}: {err})") from None
 
 
 def tokens_field(width: int, dtype) -> pa.Field:
@@ -127,14 +167,14 @@ def column_array(col: pa.Array | pa.ChunkedArray, field: pa.Field, path) -> np.n
     if isinstance(col, pa.ChunkedArray):  # one chunk: take it (combine_chunks copies even then)
         col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if col.null_count:
-        raise ValueError(f"{path}: column {field.name!r} has {col.null_count} null rows")
+        raise CorruptArtifact(path, f"column {field.name!r} has {col.null_count} null rows")
     if pa.types.is_fixed_size_list(col.type):
         flat = col.flatten()  # respects slicing; no copy
         return flat.to_numpy(zero_copy_only=True).reshape(len(col), col.type.list_size)
     if pa.types.is_fixed_size_binary(col.type):
         width = value_width(field)
         if width is None:
-            raise ValueError(f"{path}: binary column {field.name!r} carries no dtype in its field metadata")
+            raise CorruptArtifact(path, f"binary column {field.name!r} carries no dtype in its field metadata")
         dtype = np.dtype(field.metadata[b"dtype"].decode())
         out = np.frombuffer(col.buffers()[1], dtype=dtype, count=len(col) * width,
                             offset=col.offset * col.type.byte_width).reshape(len(col), width)
@@ -143,12 +183,16 @@ def column_array(col: pa.Array | pa.ChunkedArray, field: pa.Field, path) -> np.n
     return col.to_numpy(zero_copy_only=False)
 
 
-def open_file(path: str | os.PathLike) -> pq.ParquetFile:
-    """A shard, memory-mapped (so fixed-width columns are read without a copy)."""
+def open_file(path: str | os.PathLike, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+    """A shard, memory-mapped (so fixed-width columns are read without a copy), its page checksums verified
+    on every read. ``metadata``: its footer, when read before. Errors of the reads themselves are named by
+    wrapping them in :func:`reading`."""
+    if not Path(path).is_file():
+        raise _missing(path)
     try:
-        return pq.ParquetFile(path, memory_map=True)
-    except (OSError, pa.ArrowInvalid) as err:
-        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+        return pq.ParquetFile(path, memory_map=True, metadata=metadata, page_checksum_verification=True)
+    except _READ_ERRORS as err:
+        raise CorruptArtifact(path, f"not a readable Parquet file ({err})") from None
 
 
 def iter_columns(path: str | os.PathLike, columns: list[str], rows: int = 1024, *,
@@ -164,12 +208,17 @@ def iter_columns(path: str | os.PathLike, columns: list[str], rows: int = 1024, 
     names = pf.schema_arrow.names
     missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"{path}: no column(s) {missing}; it has {names}")
+        raise CorruptArtifact(path, f"no column(s) {missing}; it has {names}")
     if originals and MIRROR_COLUMN not in names:
         raise ValueError(f"{path}: no {MIRROR_COLUMN!r} column to tell the stored mirrors from the originals "
                          f"(it has {names}); 'originals' needs shards written by mmfm encode")
     read = list(columns) + ([MIRROR_COLUMN] if originals and MIRROR_COLUMN not in columns else [])
-    for batch in pf.iter_batches(batch_size=rows, columns=read):
+    batches = pf.iter_batches(batch_size=rows, columns=read)
+    while True:
+        with reading(path):
+            batch = next(batches, None)
+        if batch is None:
+            return
         if originals:
             keep = original_mask(batch.column(MIRROR_COLUMN), path)
             if keep is not None:
@@ -183,9 +232,9 @@ def original_mask(flip: pa.Array | pa.ChunkedArray, path) -> pa.Array | None:
     """The mask of the rows of a ``flip`` column that are not mirrors; ``None`` when no row is a mirror
     (nothing to filter)."""
     if not pa.types.is_boolean(flip.type):
-        raise ValueError(f"{path}: column {MIRROR_COLUMN!r} is {flip.type}, expected bool")
+        raise CorruptArtifact(path, f"column {MIRROR_COLUMN!r} is {flip.type}, expected bool")
     if flip.null_count:
-        raise ValueError(f"{path}: column {MIRROR_COLUMN!r} has {flip.null_count} null rows")
+        raise CorruptArtifact(path, f"column {MIRROR_COLUMN!r} has {flip.null_count} null rows")
     if not pc.any(flip).as_py():
         return None
     return pc.invert(flip)
@@ -197,7 +246,8 @@ def count_originals(path: str | os.PathLike) -> tuple[int, int]:
     n = pf.metadata.num_rows
     if MIRROR_COLUMN not in pf.schema_arrow.names:
         return n, n
-    flip = pf.read(columns=[MIRROR_COLUMN]).column(MIRROR_COLUMN)
+    with reading(path):
+        flip = pf.read(columns=[MIRROR_COLUMN]).column(MIRROR_COLUMN)
     original_mask(flip, path)  # the checks
     return n, n - int(pc.sum(flip).as_py() or 0)
 
@@ -228,7 +278,44 @@ def write_shard(
         arrays[name] = arr
     schema = pa.schema(fields, metadata={META_KEY: json.dumps(dict(meta))})
     table = pa.table(arrays, schema=schema)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, row_group_size=row_group_rows,
-                       use_dictionary=["path"] if "path" in arrays else False, compression={c: COMPRESSION.get(c, "snappy") for c in arrays},
-                       write_statistics=[c for c in STATISTICS if c in arrays])
+    options = {**WRITE_OPTIONS, "use_dictionary": ["path"] if "path" in arrays else False,
+               "compression": {c: COMPRESSION.get(c, "snappy") for c in arrays},
+               "write_statistics": [c for c in STATISTICS if c in arrays]}
+    with atomic_path(path, table.nbytes) as tmp:  # a full disk: DiskFull naming the shard and its size
+        pq.write_table(table, tmp, row_group_size=row_group_rows, **options)
+
+
+def verify_shard(path: str | os.PathLike, *, required: bool = True) -> dict:
+    """Read every page of the shard ``path`` with its checksum verified, and check its footer: the ``mmfm``
+    metadata (with ``required``: the fields and columns every stage relies on, :data:`REQUIRED_META`,
+    :data:`REQUIRED_COLUMNS`), the ``tokens`` width ``N * D`` against ``grid`` and ``token_dim``, the ``cls``
+    width against ``cls_dim``, the recorded ``rows`` against the row groups. Returns the metadata; raises
+    :class:`~mmfm.recover.CorruptArtifact` naming the shard and what is wrong. Reads one row group at a time."""
+    meta = read_metadata(path)
+    pf = open_file(path)
+    md, names = pf.metadata, pf.schema_arrow.names
+    if required:
+        missing = [k for k in REQUIRED_META if k not in meta]
+        if missing:
+            raise CorruptArtifact(path, f"its {META_KEY.decode()!r} metadata lacks {missing}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
+        if missing:
+            raise CorruptArtifact(path, f"no column(s) {missing}; it has {names}")
+    schema = pf.schema_arrow
+    try:
+        widths = {"tokens": math.prod(meta["grid"]) * int(meta["token_dim"]), "cls": int(meta["cls_dim"])}
+    except (KeyError, TypeError, ValueError):
+        widths = {}
+    for column, want in widths.items():
+        if column in names and (got := value_width(schema.field(column))) != want:
+            raise CorruptArtifact(path, f"column {column!r} holds {got} values per row, its metadata says {want}")
+    rows = sum(md.row_group(g).num_rows for g in range(md.num_row_groups))
+    if rows != md.num_rows or ("rows" in meta and meta["rows"] != rows):
+        raise CorruptArtifact(path, f"{rows} rows in its row groups, {md.num_rows} in its footer, "
+                                    f"{meta.get('rows')} in its metadata")
+    for g in range(md.num_row_groups):
+        with reading(path):
+            got = pf.read_row_group(g).num_rows
+        if got != md.row_group(g).num_rows:
+            raise CorruptArtifact(path, f"row group {g} holds {got} rows, its footer says {md.row_group(g).num_rows}")
+    return meta

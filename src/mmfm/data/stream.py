@@ -24,6 +24,10 @@ An epoch of :class:`ShardStream`, seen from one rank:
    generator seeded from ``(seed, epoch, rank)``. Without ``shuffle`` rows come in file order, and a batch
    inside one row group is a view of the decoded Arrow memory (no copy at all).
 
+Every floating column a row group brings (``tokens``, ``cls``) is checked finite as it is read, on the host
+(:func:`refuse_non_finite`): a NaN or Inf is an error naming the shard file, the row and its image, before
+a batch holding it is yielded.
+
 The schedule depends only on row-group sizes and the seeds, never on the data, so resuming at batch ``k``
 rebuilds it, refills the buffer with exactly the rows it held before batch ``k`` and skips the row groups
 already spent without decoding them.
@@ -72,7 +76,8 @@ def read_shard(path: str | os.PathLike, columns: Sequence[str] = DEFAULT_COLUMNS
     """
     pf = shards.open_file(path)
     meta, _ = _check(path, pf, columns)
-    table = pf.read(columns=list(columns))
+    with shards.reading(path):
+        table = pf.read(columns=list(columns))
     return {c: _column(table, c, meta, path) for c in columns}
 
 
@@ -87,6 +92,57 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict:
         return {c: a if a.dtype == object else torch.from_numpy(a) for c, a in batch.items()}
 
 
+_EXPONENT = {np.dtype(np.float16): (np.uint16, 0x7C00), np.dtype(np.float32): (np.uint32, 0x7F800000),
+             np.dtype(np.float64): (np.uint64, 0x7FF0000000000000)}
+
+
+def all_finite(values: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """Whether no value is NaN or Inf (true for non-floating arrays). For IEEE floats it tests the exponent
+    bits (all ones: NaN or Inf), 3x faster than ``np.isfinite`` on float16, in slices along the first axis
+    of about ``chunk`` values (the temporaries stay small next to a 1 GB block of sums)."""
+    values = np.asarray(values)
+    if values.dtype not in _EXPONENT:
+        return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+    bits, mask = _EXPONENT[values.dtype]
+    values = values.reshape(1, -1) if values.ndim == 0 else values
+    step = max(1, chunk // max(1, values[0].size))
+    return not any(bool(((values[i:i + step].view(bits) & bits(mask)) == mask).any())
+                   for i in range(0, len(values), step))
+
+
+def refuse_non_finite(path, column: str, values: np.ndarray, start: int = 0, *, originals: bool = False) -> None:
+    """Raise ``ValueError`` when a row of ``values`` ``(rows, ...)`` of the shard ``path`` holds NaN or Inf.
+
+    ``start`` is the position of ``values[0]`` among the rows read from ``path``: all its rows, or with
+    ``originals`` those whose ``flip`` column is false. The message names the file, the row's index in it,
+    its image (the ``path`` column, when the shard has one), the column and the count of bad values, and
+    the command that encodes the shard again (:func:`mmfm.recover.rebuild_hint`; ``mmfm encode`` refuses
+    non-finite latents, so the image is then skipped or named)."""
+    if all_finite(values):
+        return
+    flat = np.asarray(values).reshape(len(values), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    row = start + int(bad[0])
+    image = ""
+    try:
+        pf = shards.open_file(path)
+        names = pf.schema_arrow.names
+        if originals and shards.MIRROR_COLUMN in names:
+            flip = pf.read(columns=[shards.MIRROR_COLUMN]).column(0).to_numpy(zero_copy_only=False)
+            row = int(np.flatnonzero(~flip)[row])
+        if "path" in names:
+            image = f" (image {pf.read(columns=['path']).column(0)[row].as_py()})"
+    except (ValueError, OSError, IndexError, pa.ArrowException):
+        pass  # the message without the image: the row index is still right
+    from mmfm.recover import rebuild_hint
+
+    more = f"; {len(bad)} rows of this batch do" if len(bad) > 1 else ""
+    raise ValueError(
+        f"{path} row {row}{image}: {column} has {int((~np.isfinite(flat[bad[0]])).sum())} non-finite values "
+        f"(NaN/Inf){more}. mmfm encode leaves such an image out (or names it, with on_bad_image: fail), so "
+        f"encoding the shard again mends it; {rebuild_hint([path])}")
+
+
 class ShardStream:
     """Batches of ``batch_size`` rows (per rank) of ``columns`` over the shards named by ``spec``.
 
@@ -95,8 +151,12 @@ class ShardStream:
     ``world_size`` default to torch.distributed's when it is initialized, else 0 and 1. ``seed`` is a
     non-negative integer. ``buffer_rows`` rows are held for shuffling (memory about
     ``(buffer_rows + batch_size + largest row group)`` rows). See the module docstring for the epoch, the
-    split over ranks (padding or dropping) and resume. Iterate one iterator at a time.
+    split over ranks (padding or dropping) and resume. Iterate one iterator at a time. Floating columns
+    are checked finite on the host as row groups are read (:func:`refuse_non_finite`).
     """
+
+    #: Floating columns are checked as they are read (:class:`~mmfm.data.prefetch.Prefetch` need not).
+    checks_finite = True
 
     def __init__(self, spec, batch_size: int, *, columns: Sequence[str] = DEFAULT_COLUMNS,
                  rank: int | None = None, world_size: int | None = None, shuffle: bool = True,
@@ -112,6 +172,10 @@ class ShardStream:
         self.shuffle, self.buffer_rows, self.seed, self.drop_last = shuffle, buffer_rows, seed, drop_last
         self.as_torch = as_torch
         self.meta, self._files, self._units = self._scan()
+        self._first_row, at = {}, {}  # (file, row group) -> the index of its first row in the file
+        for f, g, n in self._units.tolist():
+            self._first_row[f, g] = at.get(f, 0)
+            at[f] = at.get(f, 0) + n
         self.rows = T = int(self._units[:, 2].sum())
         self._rank_rows = T // (world_size * batch_size) * batch_size if drop_last else -(-T // world_size)
         self._len = -(-self._rank_rows // batch_size)
@@ -213,9 +277,12 @@ class ShardStream:
     def _read(self, segment: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
         file, group, lo, hi = segment
         path, md = self._files[file]
-        with pq.ParquetFile(path, metadata=md, memory_map=True) as pf:
+        with shards.open_file(path, md) as pf, shards.reading(path):  # page checksums verified
             table = pf.read_row_group(group, columns=list(self.columns)).slice(lo, hi - lo)
-        return {c: _column(table, c, self.meta, path) for c in self.columns}
+        out = {c: _column(table, c, self.meta, path) for c in self.columns}
+        for c, v in out.items():
+            refuse_non_finite(path, c, v, self._first_row[file, group] + lo)
+        return out
 
     def _in_order(self, segments, start: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches ``start ..`` of rows in reading order; a batch within one row group is a view."""

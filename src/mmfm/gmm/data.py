@@ -10,12 +10,14 @@ chunked: a fit over shards equals the in-memory fit bit for bit.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from mmfm.data import shards
+from mmfm.data.stream import refuse_non_finite
 
 _PIECE = 8192
 
@@ -37,6 +39,22 @@ class ArrayRows:
             yield f"{self.name} rows {i}..{min(i + rows, len(self.array)) - 1}", self.array[i:i + rows]
 
 
+@dataclass(frozen=True)
+class ShardRows:
+    """The ``where`` of a :class:`ParquetRows` chunk: rows ``start .. stop - 1`` of those read from the
+    shard ``path`` (every row, or with ``originals`` those whose ``flip`` is false); reads as
+    ``"<path> rows a..b"``. It lets an error name a row by its index in the file."""
+
+    path: os.PathLike
+    column: str
+    start: int
+    stop: int
+    originals: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.path} {'original rows' if self.originals else 'rows'} {self.start}..{self.stop - 1}"
+
+
 class ParquetRows:
     """A fixed-size-list column (``cls`` by default) of one or more Parquet shards, streamed.
 
@@ -51,16 +69,20 @@ class ParquetRows:
         self.paths = shards.resolve(spec)
         self.column, self.rows = column, rows
 
-    def chunks(self, rows: int = 65536) -> Iterator[tuple[str, np.ndarray]]:
+    def chunks(self, rows: int = 65536, checked: bool = False) -> Iterator[tuple[ShardRows, np.ndarray]]:
+        """``(where, (rows, D) array)`` in file order; with ``checked`` a non-finite row is an error naming
+        the shard and the row's index in it (:func:`~mmfm.data.stream.refuse_non_finite`), as the data is
+        loaded into memory (:func:`summarize` then sees an array without its files)."""
         originals = self.rows == "originals"
-        what = "original rows" if originals else "rows"
         for path in self.paths:
             start = 0
             for batch in shards.iter_columns(path, [self.column], rows=rows, originals=originals):
                 x = batch[self.column]
                 if x.ndim != 2:
                     raise ValueError(f"{path}: column {self.column!r} is not a fixed-size list of floats")
-                yield f"{path} {what} {start}..{start + len(x) - 1}", x
+                if checked:
+                    refuse_non_finite(path, self.column, x, start, originals=originals)
+                yield ShardRows(path, self.column, start, start + len(x), originals), x
                 start += len(x)
 
 
@@ -122,12 +144,13 @@ class DataSummary:
 
 
 def summarize(source, rows: int = 65536, progress: bool = False) -> DataSummary:
-    """One pass: reject NaN/Inf rows and zero-variance features; float64 mean/variance (Chan merge).
+    """One pass: reject NaN/Inf rows (a shard's by file and row index) and zero-variance features; float64
+    mean/variance (Chan merge).
 
     The fingerprint is a SHA-256 digest of the rows' bytes and dtype, in order: two fits with the
     same fingerprint saw the same data.
     """
-    from tqdm.auto import tqdm
+    from mmfm.progress import progress as tqdm
 
     digest = hashlib.sha256()
     n, mean, m2, dim = 0, None, None, None
@@ -142,6 +165,8 @@ def summarize(source, rows: int = 65536, progress: bool = False) -> DataSummary:
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{where}: expected floating-point values, got dtype {x.dtype}")
         if not np.isfinite(x).all():
+            if isinstance(where, ShardRows):  # names the shard, the row's index in it and its image
+                refuse_non_finite(where.path, where.column, x, where.start, originals=where.originals)
             bad = ~np.isfinite(x).all(axis=1)
             first = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{where}: {int(bad.sum())} row(s) hold NaN or Inf (first at offset {first} of the chunk)")

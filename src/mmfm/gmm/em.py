@@ -428,7 +428,7 @@ def fit_em(
     (``tol = 0`` runs every iteration). With ``score`` one more pass gives the mean log-likelihood
     under the returned parameters (``final_loglik``).
     """
-    from tqdm.auto import tqdm
+    from mmfm.progress import progress as tqdm
 
     _check_settings(max_iter=max_iter, tol=tol, reg_covar=reg_covar, dtype=dtype)
     source = gdata.as_rows(data)

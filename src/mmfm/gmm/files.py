@@ -7,36 +7,87 @@
   ``(K, N, D)`` (diag) float32, ``counts (K)`` int64; written by :mod:`mmfm.gmm.spatial`.
 
 Both open memory-mapped (:func:`mmfm.io.open_tensors`) and load as a torch
-:class:`~mmfm.flow.sources.GaussianMixtureSource` with :func:`load_source`.
+:class:`~mmfm.flow.sources.GaussianMixtureSource` with :func:`load_source`. A file that is damaged, or
+whose tensors disagree with its metadata or sidecar (:func:`verify`), raises
+:class:`mmfm.recover.CorruptArtifact`, which names it and ends with the command that rebuilds it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from mmfm import io
 from mmfm.gmm.em import DiagonalGMM
+from mmfm.recover import CorruptArtifact
 
 CLS_KIND = "cls-gmm"
 SPATIAL_KIND = "spatial-gmm"
+PARTIAL_KIND = "spatial-partial"  # mmfm.gmm.spatial's map output
 
 
 def save_cls_gmm(path, gmm: DiagonalGMM, sidecar: dict) -> None:
     """Write the CLS mixture and its sidecar, each atomically; the tensors last, so their presence
-    means the whole fit was written."""
+    means the whole fit was written (on an error, a previous pair is left as it was)."""
     meta = {"kind": CLS_KIND, "k": gmm.k, "dim": gmm.dim, "covariance": "diag"}
-    io.write_json(io.sidecar_path(path), {**meta, **sidecar})
-    io.save_tensors(path, {"weights": gmm.weights, "means": gmm.means, "variances": gmm.variances}, meta)
+    with io.sidecar_first(path, {**meta, **sidecar}):
+        io.save_tensors(path, {"weights": gmm.weights, "means": gmm.means, "variances": gmm.variances}, meta)
 
 
 def read_sidecar(path) -> dict:
-    p = io.sidecar_path(path)
-    if not p.is_file():
-        return {}
-    return json.loads(p.read_text())
+    """The sidecar of the GMM file ``path`` (``{}`` if none), checked against the file's header metadata."""
+    _, meta, _ = io.read_header(path)
+    return io.read_sidecar(path, meta)
+
+
+def expected_shapes(meta: dict) -> dict[str, tuple[int, ...]] | None:
+    """The tensor shapes a GMM file's metadata implies (``kind`` cls-gmm, spatial-gmm, spatial-partial);
+    None for another kind. CLS: ``weights (K)``, ``means``/``variances (K, Dc)``; spatial: ``weights``,
+    ``counts (K)``, ``means (K, N, D)``, ``variances (K)`` spherical or ``(K, N, D)`` diag; a partial:
+    ``cls_weights (K)`` (its per-mode tensors have the count of modes it touched, checked by :func:`verify`)."""
+    kind = meta.get("kind")
+    try:
+        if kind == CLS_KIND:
+            k, d = int(meta["k"]), int(meta["dim"])
+            return {"weights": (k,), "means": (k, d), "variances": (k, d)}
+        if kind == SPATIAL_KIND:
+            k, n, d = int(meta["k"]), int(np.prod(meta["grid"])), int(meta["token_dim"])
+            var = (k, n, d) if meta["covariance"] == "diag" else (k,)
+            return {"weights": (k,), "means": (k, n, d), "variances": var, "counts": (k,)}
+        if kind == PARTIAL_KIND:
+            return {"cls_weights": (int(meta["k"]),)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"its {kind} metadata lacks or garbles {err}") from None
+    return None
+
+
+def verify(path) -> dict:
+    """Check a GMM file (or a spatial partial): its header against its size (:func:`mmfm.io.read_header`),
+    its sidecar against its header's metadata, and the tensor shapes against that metadata (the sidecar's
+    values, where it has one). Returns the metadata; raises :class:`~mmfm.recover.CorruptArtifact`."""
+    header, meta, _ = io.read_header(path)
+    side = io.read_sidecar(path, meta)
+    shapes = {k: tuple(h["shape"]) for k, h in header.items()}
+    try:
+        want = expected_shapes({**meta, **side})
+    except ValueError as err:
+        raise CorruptArtifact(io.sidecar_path(path) if side else path, str(err)) from None
+    if want is None:
+        raise CorruptArtifact(path, f"not a GMM file (kind {meta.get('kind')!r})")
+    if meta["kind"] == PARTIAL_KIND and "modes" in shapes:
+        m = shapes["modes"][0]
+        n, d = int(np.prod(meta["grid"])), int(meta["token_dim"])
+        want.update(modes=(m,), counts=(m,), sum=(m, n, d), sumsq=(m, n, d) if meta["covariance"] == "diag" else (m,))
+    missing = sorted(set(want) - set(shapes))
+    if missing:
+        raise CorruptArtifact(path, f"missing tensor(s) {missing}; it holds {sorted(shapes)}")
+    for name, shape in want.items():
+        if shapes[name] != shape:
+            where = f"{io.sidecar_path(path).name} and its header" if side else "its metadata"
+            raise CorruptArtifact(io.sidecar_path(path) if side else path,
+                                  f"tensor {name!r} has shape {shapes[name]}, {where} imply {shape}")
+    return {**meta, **side}
 
 
 def load_cls_gmm(path) -> DiagonalGMM:
@@ -44,14 +95,14 @@ def load_cls_gmm(path) -> DiagonalGMM:
     tensors, meta = io.open_tensors(path)
     missing = {"weights", "means", "variances"} - set(tensors)
     if missing:
-        raise ValueError(f"{path}: not a GMM file, missing {sorted(missing)}")
+        raise CorruptArtifact(path, f"not a GMM file, missing {sorted(missing)}")
     if tensors["variances"].shape != tensors["means"].shape or tensors["means"].ndim != 2:
-        raise ValueError(f"{path}: not a CLS (diagonal, 2-D) GMM: means {tensors['means'].shape}, "
-                         f"variances {tensors['variances'].shape}")
+        raise CorruptArtifact(path, f"not a CLS (diagonal, 2-D) GMM: means {tensors['means'].shape}, "
+                                    f"variances {tensors['variances'].shape}")
     try:
         return DiagonalGMM(np.array(tensors["weights"]), np.array(tensors["means"]), np.array(tensors["variances"]))
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise CorruptArtifact(path, str(err)) from None
 
 
 def fingerprint(path) -> str:
@@ -79,7 +130,7 @@ def load_source(path, device=None, dtype=None):
     try:
         return GaussianMixtureSource(w / w.sum(), as_t(tensors["means"], dtype), as_t(tensors["variances"], dtype))
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise CorruptArtifact(path, str(err)) from None
 
 
 def plot_weights(weights: np.ndarray, path, title: str = "mixture weights") -> Path:

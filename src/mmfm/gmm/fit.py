@@ -48,7 +48,7 @@ def open_input(spec, column: str = "cls", stream: bool = False, rows: str = "all
     source = gdata.ParquetRows(spec, column=column, rows=rows)
     if stream:
         return source
-    chunks = [x for _, x in source.chunks()]
+    chunks = [x for _, x in source.chunks(checked=True)]  # a NaN named by shard and row
     if not chunks:
         raise ValueError(f"input: {spec}: the shards hold no {'original ' if rows == 'originals' else ''}rows")
     return gdata.ArrayRows(np.concatenate(chunks) if len(chunks) > 1 else chunks[0], name=str(spec))

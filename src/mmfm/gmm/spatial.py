@@ -56,6 +56,11 @@ bounded by the block accumulators, straight into the memory-mapped output::
     mu_k = S_k / n_k,   sigma_k^2 = (Q_k / n_k - ||mu_k||^2) / (N D)   (spherical, population, as released)
                         sigma_k^2 = Q_k / n_k - mu_k^2                  (diag)
 
+**Non-finite values** are refused where they would enter a sum: a shard row whose CLS descriptor or token
+grid holds NaN or Inf stops the map job with the shard file and the row's index in it
+(:func:`mmfm.data.stream.refuse_non_finite`), and a partial whose sums are not finite stops the reduce with
+the partial file and the mode, so no NaN mean is ever written.
+
 A shard counted in two partials is refused, and so are partials of different encoders, ``K``, grids,
 ``flip``, ``rows_from``, covariances or CLS mixtures (:data:`_MUST_MATCH`; a partial written before
 ``rows_from`` existed counted every row). Modes no row was assigned to get the global mean and
@@ -77,8 +82,10 @@ import torch
 
 from mmfm import io
 from mmfm.data import shards
+from mmfm.data.stream import all_finite, refuse_non_finite
 from mmfm.gmm import files
 from mmfm.gmm.posterior import hard_labels
+from mmfm.progress import progress as progress_bar
 
 PARTIAL_KIND = "spatial-partial"
 COVARIANCES = ("spherical", "diag")
@@ -181,8 +188,6 @@ def spatial_stats(
     rows at a time. ``rows_from``: ``"all"`` rows, or ``"originals"`` only (the stored mirrors, ``flip``
     column true, are skipped; with ``flip`` each original also adds its latent flip into its own mode,
     as released). See the module doc."""
-    from tqdm.auto import tqdm
-
     if covariance not in COVARIANCES:
         raise ValueError(f"covariance: expected one of {list(COVARIANCES)}, got {covariance!r}")
     if rows_from not in ROWS_FROM:
@@ -203,8 +208,11 @@ def spatial_stats(
     # pass 1: hard CLS assignment of every row counted (all, or the originals)
     labels = []
     for p in paths:
+        at = 0  # rows of p read so far (of the originals, with rows_from "originals")
         for batch in shards.iter_columns(p, ["cls"], rows=_LABEL_ROWS, originals=originals):
+            refuse_non_finite(p, "cls", batch["cls"], at, originals=originals)
             labels.append(hard_labels(source, batch["cls"], rows=_LABEL_ROWS, what=f"{p}: column 'cls'"))
+            at += len(batch["cls"])
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     modes, pos = torch.unique(labels, sorted=True, return_inverse=True)
     m = len(modes)
@@ -221,13 +229,16 @@ def spatial_stats(
     # pass 2: token sums, in row order (the same rows as pass 1)
     start = 0
     shard_rows = sum(shards.num_rows(p) for p in paths)
-    bar = tqdm(total=len(labels), desc="spatial stats", unit="row", disable=not progress)
+    bar = progress_bar(total=len(labels), desc="spatial stats", unit="row", disable=not progress)
     for p in paths:
+        at = 0
         for batch in shards.iter_columns(p, ["tokens"], rows=rows, originals=originals):
             tokens = batch["tokens"]
             if tokens.shape[1] != nd:
                 raise ValueError(f"{p}: tokens have {tokens.shape[1]} values per row, expected {h}x{w}x{d} = {nd}")
+            refuse_non_finite(p, "tokens", tokens, at, originals=originals)
             n_b = len(tokens)
+            at += n_b
             x = torch.from_numpy(np.require(tokens, requirements="W")).to(torch.float64)  # exact
             idx = pos[start:start + n_b]
             if flip:
@@ -304,6 +315,19 @@ def _check_partials(paths: list[Path]) -> list[tuple[Path, dict]]:
     return sorted(metas, key=lambda pm: (sorted(pm[1]["shards"]), pm[0].name))
 
 
+def _refuse_non_finite_sums(path, modes: np.ndarray, sums: np.ndarray, sumsq: np.ndarray) -> None:
+    """Raise naming the partial ``path`` and the first mode whose ``sum (M, N D)`` or ``sumsq`` is not finite."""
+    if all_finite(sums) and all_finite(sumsq):
+        return
+    bad = ~np.isfinite(sums).all(1) | ~np.isfinite(sumsq.reshape(len(sumsq), -1)).all(1)
+    first = int(np.flatnonzero(bad)[0])
+    from mmfm.recover import rebuild_hint
+
+    raise ValueError(f"{path}: mode {int(modes[first])}: the partial's sums are not finite (NaN/Inf; "
+                     f"{int(bad.sum())} mode(s) of this block), summed from a non-finite latent (spatial-stats now "
+                     f"refuses one, naming its shard and row); {rebuild_hint([path])}")
+
+
 def spatial_reduce(
     partial_paths,
     out,
@@ -314,8 +338,6 @@ def spatial_reduce(
     progress: bool = False,
 ) -> dict:
     """Sum partial files into the spatial GMM at ``out`` (+ sidecar); returns the sidecar dict."""
-    from tqdm.auto import tqdm
-
     if weights not in ("cls", "counts"):
         raise ValueError(f"weights: expected 'cls' (the CLS mixture's, as released) or 'counts', got {weights!r}")
     paths = shards.resolve(partial_paths, suffix=".safetensors")
@@ -355,16 +377,19 @@ def spatial_reduce(
         f["weights"][:] = cls_w / cls_w.sum() if weights == "cls" else counts / total
         means = f["means"].reshape(k, nd)
         var = f["variances"].reshape(k, nd) if cov == "diag" else f["variances"]
-        for lo in tqdm(range(0, k, block), desc="spatial reduce", unit="block", disable=not progress):
+        for lo in progress_bar(range(0, k, block), desc="spatial reduce", unit="block", disable=not progress):
             hi = min(k, lo + block)
             s = np.zeros((hi - lo, nd))
             q = np.zeros((hi - lo, nd) if cov == "diag" else (hi - lo,))
-            for t, modes in zip(opened, modes_of):
+            for (path, _), t, modes in zip(metas, opened, modes_of):
                 a, b = np.searchsorted(modes, [lo, hi])
                 if b > a:
                     idx = modes[a:b] - lo  # distinct within a partial
-                    s[idx] += np.asarray(t["sum"][a:b]).reshape(b - a, nd)
-                    q[idx] += np.asarray(t["sumsq"][a:b]).reshape((b - a, nd) if cov == "diag" else (b - a,))
+                    part_s = np.asarray(t["sum"][a:b]).reshape(b - a, nd)
+                    part_q = np.asarray(t["sumsq"][a:b]).reshape((b - a, nd) if cov == "diag" else (b - a,))
+                    _refuse_non_finite_sums(path, modes[a:b], part_s, part_q)
+                    s[idx] += part_s
+                    q[idx] += part_q
             g_sum += s.sum(0)
             g_sq += q.sum(0)
             n = counts[lo:hi].astype(np.float64)

@@ -29,7 +29,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pytorch_fid import inception as pfi
 from torch import nn
-from tqdm import tqdm
 
 from mmfm.data.images import EXTENSIONS, center_crop_arr
 from mmfm.metrics.frechet import FeatureStats, frechet_distance, load_stats, save_stats
@@ -156,10 +155,12 @@ def _npz_batches(path: Path, key: str, batch_size: int):
 
     Yields ``(n, iterator of input batches)``. Object arrays and Fortran order are refused.
     """
+    from mmfm.recover import CorruptArtifact
+
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: not a readable .npz file: {e}") from e
+        raise CorruptArtifact(path, f"not a readable .npz file ({e})") from e
     with zf:
         if f"{key}.npy" not in zf.namelist():
             names = sorted(n.removesuffix(".npy") for n in zf.namelist())
@@ -189,7 +190,9 @@ def _features(batches, n: int, model: nn.Module, device, batch_size: int, progre
     """Pool-3 features ``(B, 2048)`` float64 of each input batch, as pytorch-fid's ``get_activations``."""
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    for x in tqdm(batches, total=math.ceil(n / batch_size), desc="inception", disable=not progress):
+    from mmfm.progress import progress as bar
+
+    for x in bar(batches, total=math.ceil(n / batch_size), desc="inception", unit="batch", disable=not progress):
         pred = model(x.to(device))[0]
         yield pred.squeeze(3).squeeze(2).cpu().numpy().astype(np.float64)
 

@@ -7,6 +7,12 @@ for :class:`TokenMLP`), ``in_channels``, ``num_tokens``, ``patch_size``, ``condi
 way (``ema.safetensors``, :func:`mmfm.train.loop.export_meta`, the paper's convention) and
 :func:`mmfm.train.released.import_released_checkpoint` a released RAE / MM-FM network (RAE's convention).
 :func:`load_velocity_model` rebuilds either and returns it in the paper's convention.
+
+An export of ``mmfm train`` also records what its tokens are (so ``mmfm sample --model`` needs nothing else):
+``tokenizer`` (:func:`tokenizer_record` of the shards' metadata: name, weights path and revision, grid, token
+width, normalization, decoder) and ``source`` (:func:`source_record`: ``gaussian``, or the spatial GMM file with
+its shape and fingerprint). Older and imported exports have neither (``source`` may be the bare kind, a
+string); :func:`recorded_source` reads both forms.
 """
 
 from __future__ import annotations
@@ -93,6 +99,60 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def tokenizer_record(shards_meta: dict, decoder: str | None = None) -> dict:
+    """What an export records about the tokenizer of its tokens, from the shards' ``mmfm`` metadata
+    (:func:`mmfm.data.shards.read_metadata`, written by :func:`mmfm.data.encode.encode_folder`):
+
+    ``name`` (the encoder), ``path`` (its weights: a folder or hub id; None for ``pixels``), ``revision``
+    (``pixels``: the format's; transformers: ``sha256:`` of the weights), ``image_size`` (the ADM crop),
+    ``grid`` ``[h, w]``, ``token_dim`` (``N = h w`` tokens of width ``token_dim``), ``patch_size``, ``pool``
+    (``pixels``), ``precision`` (the encoder's autocast), ``normalization`` (None: raw tokens; else the shards'
+    record of the statistics: ``file``, ``sha256``, ``kind``, ``eps``, ``mean``) and ``decoder`` (``"exact"``
+    for ``pixels``; else the RAE decoder checkpoint when known, or None: given when sampling)."""
+    name = shards_meta.get("encoder")
+    return {"name": name, "path": shards_meta.get("model"), "revision": shards_meta.get("revision"),
+            "image_size": shards_meta.get("image_size", shards_meta.get("input_size")),
+            "grid": [int(v) for v in shards_meta["grid"]], "token_dim": int(shards_meta["token_dim"]),
+            "patch_size": shards_meta.get("patch_size"), "pool": shards_meta.get("pool"),
+            "precision": shards_meta.get("precision", "fp32"), "normalization": shards_meta.get("normalization"),
+            "decoder": "exact" if name == "pixels" else (None if decoder is None else str(decoder))}
+
+
+def source_fingerprint(path: str | os.PathLike) -> dict:
+    """``{"shape": [K, N, D], "bytes", "sha256"}`` of a GMM file: the shape of its ``means``, its size and 16 hex
+    digits of the SHA-256 of its safetensors header (names, shapes, dtypes, offsets, metadata) and of its
+    ``weights`` tensor ``(K,)`` (so two fits of one shape differ); the means are not read."""
+    import hashlib
+
+    path = Path(path)
+    header, meta, _ = io.read_header(path)
+    if "means" not in header:
+        raise ValueError(f"{path}: not a GMM file (no 'means' tensor; it has {sorted(header)})")
+    h = hashlib.sha256(json.dumps([header, meta], sort_keys=True).encode())
+    if "weights" in header:
+        arrays, _ = io.open_tensors(path, ["weights"])
+        h.update(np.ascontiguousarray(arrays["weights"]).tobytes())
+    return {"shape": [int(v) for v in header["means"]["shape"]], "bytes": path.stat().st_size,
+            "sha256": h.hexdigest()[:16]}
+
+
+def source_record(kind: str, gmm: str | os.PathLike | None = None) -> dict:
+    """What an export records about its noise: ``{"kind": "gaussian"}``, or ``{"kind": "gmm", "file": gmm,
+    **source_fingerprint(gmm)}`` (the spatial GMM file read by its header and weights only)."""
+    if kind != "gmm":
+        return {"kind": kind}
+    return {"kind": "gmm", "file": str(gmm), **source_fingerprint(gmm)}
+
+
+def recorded_source(meta: dict) -> dict | None:
+    """The ``source`` record of an export's metadata as a dict (an older export's bare ``"gaussian"`` / ``"gmm"``
+    becomes ``{"kind": ...}``); None when it records none (an imported release)."""
+    source = meta.get("source")
+    if isinstance(source, str):
+        return {"kind": source}
+    return source if isinstance(source, dict) else None
+
+
 def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """The network of an export as a velocity field in the paper's convention.
 
@@ -123,4 +183,5 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
 
 
 __all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_velocity_model",
-           "network_from_metadata", "read_metadata"]
+           "network_from_metadata", "read_metadata", "recorded_source", "source_fingerprint", "source_record",
+           "tokenizer_record"]

@@ -30,6 +30,7 @@ import io as _io
 import json
 import math
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +171,7 @@ def _write(sink, calls, first: int, config: dict, geo: Geometry, data: Dataset, 
     most = max(b for call in calls for b in call) * reps
     tokens = np.zeros((most, width), dtype)
     cls = np.zeros(most * geo.cls_dim, np.float32)
-    writer = pq.ParquetWriter(sink, schema, compression=shards.COMPRESSION, use_dictionary=["path"],
-                              write_statistics=shards.STATISTICS)
+    writer = pq.ParquetWriter(sink, schema, **shards.WRITE_OPTIONS)
     i = first
     try:
         for call in calls:
@@ -412,7 +412,7 @@ def training_state_specs(settings: dict, geo: Geometry, k: int, world: int):
     return specs(model.state_dict()), specs(ema.state_dict()), specs(tensors), state, cfg, labels
 
 
-def train_files(config: dict, run: str, geo: Geometry, world: int) -> list[File]:
+def train_files(config: dict, run: str, geo: Geometry, world: int, data: Dataset) -> list[File]:
     """A run folder at the end of training: ``keep_last`` checkpoints (one more while a save is in progress),
     ``ema.safetensors`` + ``ema.json``, ``metrics.csv``, ``fd.csv``, TensorBoard events, ``train.yaml``."""
     import yaml
@@ -427,7 +427,16 @@ def train_files(config: dict, run: str, geo: Geometry, world: int) -> list[File]
              "ema.safetensors": (tensor_file_bytes(ema_specs, {"kind": "ema", "step": step}), "exact"),
              "state.safetensors": (tensor_file_bytes(state_specs, {"kind": "state", "step": step}), "exact"),
              "state.json": (len((json.dumps(state, indent=1, allow_nan=False) + "\n").encode()), "estimate")}
-    meta = export_meta(cfg, geo.num_tokens, geo.token_dim, labels, step)
+    enc = config["encoder"]
+    norm = None if not enc.get("norm_stats") else {"kind": "per-position, variance only", "eps": 1e-05,
+                                                   "mean": False, "file": str(enc["norm_stats"]), "sha256": _HEX16}
+    source = {"kind": cfg.source}  # the export's record of its source (mmfm.models.velocity.source_record)
+    if cfg.source == "gmm":
+        source.update(file=cfg.gmm, shape=[k, geo.num_tokens, geo.token_dim], sha256=_HEX16,
+                      bytes=spatial_gmm_files(config, geo, data)[0].nbytes)
+    meta = export_meta(cfg, geo.num_tokens, geo.token_dim, labels, step,
+                       shards_meta={**geo.metadata, "normalization": norm}, source=source)
+    cfg = dataclasses.replace(cfg, data_fingerprint=_HEX16)  # mmfm train records the data's (16 hex digits)
     folder = f"results/runs/{run}"
     out = [File(f"{folder}/step-XXXXXXX/{name}", nbytes, cfg.keep_last, how) for name, (nbytes, how) in parts.items()]
     out += [File(f"{folder}/step-XXXXXXX/ (one more checkpoint while it is saved, before the oldest is deleted)",

@@ -17,6 +17,7 @@ allocations it needs (each ``runtime`` less the stop-signal lead and a restart) 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -304,9 +305,14 @@ def build_plan(configfile: str | os.PathLike | None = None, *, gpu: GPU, mfu: fl
         rp = RulePlan(rule, len(js))
         getattr(ctx, f"rule_{rule.removesuffix('_nodes')}")(rp, js)
         rules[rule] = rp
+    results = mc.results_dir(config)
+    if results != "results":  # the files as the rules name them (the byte counts do not depend on it)
+        for rp in rules.values():
+            rp.files = [dataclasses.replace(f, path=results + f.path[len("results"):])
+                        if f.path.startswith("results/") else f for f in rp.files]
     if disk is None:
         try:
-            probe = root / "results" if (root / "results").exists() else root
+            probe = root / results if (root / results).exists() else root
             disk = shutil.disk_usage(probe).free
             notes.append(f"disk: {gb(disk)} free on the file system of {probe.resolve()} (--disk to give another "
                          "figure)")
@@ -421,7 +427,7 @@ class _Context:
                                          "results/gmm/cls.safetensors")
             tc = TrainConfig.from_dict(settings)
             world = max(1, res["gpu"])
-            rp.files += art.train_files(cfg, run, geo, world)
+            rp.files += art.train_files(cfg, run, geo, world, self.data)
             nparams = _velocity_params(cfg, run, geo, self.k, self.traces)
             entry = {"run": run, "gpus": res["gpu"], "nodes": res["nodes"], "steps": tc.steps,
                      "parameters": nparams}

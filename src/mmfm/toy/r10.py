@@ -38,7 +38,6 @@ import numpy as np
 import ot
 import torch
 from sklearn.mixture import GaussianMixture
-from tqdm.auto import tqdm
 
 from mmfm import _checks, io
 from mmfm.flow import (
@@ -52,6 +51,7 @@ from mmfm.flow import (
     velocity_loss,
 )
 from mmfm.models import VelocityMLP
+from mmfm.progress import progress
 
 DIM = 10
 
@@ -138,7 +138,7 @@ def train_velocity(coupling, target: MixtureTarget, cfg: R10Config, seed: int, d
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.iters, eta_min=cfg.lr * 0.01)
     g = torch.Generator().manual_seed(seed)
     path = LinearPath()
-    for _ in tqdm(range(cfg.iters), desc=desc, leave=False, mininterval=1.0):
+    for _ in progress(range(cfg.iters), desc=desc, leave=False, mininterval=1.0):
         x1, _ = target.sample(cfg.batch, g)
         x0, x1, _ = coupling(x1, generator=g)
         t = torch.rand(cfg.batch, generator=g)
@@ -192,7 +192,7 @@ def run(cfg: R10Config | None = None, progress: bool = True) -> list[dict]:
                 "paper_len": paper_len, "paper_w2": paper_w2, "seconds": round(time.perf_counter() - t0, 1),
             })
             if progress:
-                tqdm.write(f"{desc:28s} Len {metrics['len']:.3f}  W2^2 {metrics['w2']:.4f}  (floor {floor:.4f})")
+                print(f"{desc:28s} Len {metrics['len']:.3f}  W2^2 {metrics['w2']:.4f}  (floor {floor:.4f})", flush=True)
     return rows
 
 

@@ -24,6 +24,12 @@ A save writes everything into ``step-XXXXXXX.tmp<pid>/``, fsyncs it, renames it 
 ``latest`` as they were; :func:`latest_checkpoint` never returns a ``.tmp`` directory nor one whose
 ``state.json`` is missing or whose files do not have the recorded sizes.
 
+A full disk (``ENOSPC`` / ``EDQUOT``) during a save raises :class:`mmfm.io.DiskFull` naming the checkpoint,
+the bytes it needs and the bytes free; the save folder is removed and the previous checkpoint is untouched.
+A checkpoint that is damaged in a way the sizes do not show (a header, a missing tensor) raises
+:class:`mmfm.recover.CorruptArtifact` naming the file and how to go on: remove that checkpoint, and the run
+resumes from the previous complete one (or starts afresh). :func:`verify_checkpoint` checks one whole.
+
 Unlike the release (method.md §2.8), the optimizer state is restored before the first step, so the
 first step after a resume uses the saved Adam moments and the run continues bit for bit.
 Tensors whose dtype numpy lacks (bfloat16, float8) are stored as same-width integers, their torch
@@ -49,6 +55,7 @@ import torch
 from torch import nn
 
 from mmfm import io
+from mmfm.recover import CorruptArtifact, rebuild_command
 from mmfm.train.ema import EMA, unwrap
 
 FORMAT, VERSION = "mmfm-checkpoint", 1
@@ -89,8 +96,19 @@ def _write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mappin
         f.commit()
 
 
+def _bad(path: Path, reason: str) -> CorruptArtifact:
+    """A damaged checkpoint file or folder: the message says to remove the checkpoint (its folder)."""
+    ckpt = path if _NAME.fullmatch(path.name) else path.parent
+    cmd = rebuild_command([ckpt]) or f"rm -r {ckpt}"
+    return CorruptArtifact(path, reason, hint=f"remove the checkpoint and the run resumes from the previous complete "
+                                              f"one, or starts afresh: {cmd}")
+
+
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    arrays, meta = io.open_tensors(path)
+    try:
+        arrays, meta = io.open_tensors(path)
+    except CorruptArtifact as err:
+        raise _bad(path, err.reason) from None
     restore = meta.get("torch_dtypes", {})
     out = {}
     for name, a in arrays.items():
@@ -254,12 +272,13 @@ def save_checkpoint(run_dir, *, step: int, model: nn.Module, ema: EMA, optimizer
              "config": _json_checked("config", dict(config or {}))}
     name = f"step-{step:07d}"
     final, tmp, old = run_dir / name, run_dir / f"{name}.tmp{os.getpid()}", run_dir / f"{name}.old{os.getpid()}"
+    files = {MODEL: unwrap(model).state_dict(), EMA_FILE: ema.state_dict(), TENSORS: tensors}
+    needed = sum(t.numel() * t.element_size() for ts in files.values() for t in ts.values()) + len(json.dumps(state))
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        files = {MODEL: unwrap(model).state_dict(), EMA_FILE: ema.state_dict(), TENSORS: tensors}
         for fname, ts in files.items():
             _write_tensors(tmp / fname, ts, {"kind": fname.removesuffix(".safetensors"), "step": int(step)})
         state["files"] = {fname: (tmp / fname).stat().st_size for fname in files}
@@ -271,8 +290,10 @@ def save_checkpoint(run_dir, *, step: int, model: nn.Module, ema: EMA, optimizer
         if replaced:
             os.replace(final, old)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in io.DISK_FULL:
+            raise io.disk_full_error(final, needed, err) from err
         raise
     if replaced:
         shutil.rmtree(old, ignore_errors=True)
@@ -294,18 +315,18 @@ def _read_state(path: Path) -> dict:
     try:
         state = json.loads(f.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{f}: corrupt ({err})") from None
+        raise _bad(f, f"corrupt ({err})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{f}: not an {FORMAT} file")
+        raise _bad(f, f"not an {FORMAT} file")
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
-        raise ValueError(f"{f}: missing key(s) {missing}")
+        raise _bad(f, f"missing key(s) {missing}")
     for fname, size in state["files"].items():
         p = path / fname
         if not p.is_file():
-            raise ValueError(f"{p}: missing; the checkpoint is incomplete")
+            raise _bad(p, "missing; the checkpoint is incomplete")
         if p.stat().st_size != size:
-            raise ValueError(f"{p}: {p.stat().st_size} bytes where {STATE} records {size}; the file is damaged")
+            raise _bad(p, f"{p.stat().st_size} bytes where {STATE} records {size}; the file is damaged")
     return state
 
 
@@ -314,8 +335,47 @@ def checkpoint_config(path) -> dict:
     return _read_state(Path(path))["config"]
 
 
+def _header(file: Path) -> dict:
+    try:
+        return io.read_header(file)[0]
+    except CorruptArtifact as err:
+        raise _bad(file, err.reason) from None
+
+
+def verify_checkpoint(path) -> int:
+    """Check a complete checkpoint folder whole, reading no tensor: ``state.json`` and the recorded sizes
+    (:func:`_read_state`), every tensor file's header against its size, the EMA's names and shapes against
+    the model's, and every tensor ``state.json`` refers to present in ``state.safetensors``. Returns its step;
+    raises :class:`~mmfm.recover.CorruptArtifact` naming the file."""
+    path = Path(path)
+    state = _read_state(path)
+    headers = {fname: _header(path / fname) for fname in state["files"]}
+    model, ema = headers.get(MODEL, {}), headers.get(EMA_FILE, {})
+    if {k: h["shape"] for k, h in model.items()} != {k: h["shape"] for k, h in ema.items()}:
+        raise _bad(path / EMA_FILE, f"its tensors' names or shapes differ from those of {MODEL}")
+    refs: list[str] = []
+    _refs(state["optimizer"], refs)
+    _refs(state["scheduler"], refs)
+    missing = sorted(set(refs) - set(headers.get(TENSORS, {})))
+    if missing:
+        raise _bad(path / TENSORS, f"missing tensor(s) {missing[:5]} that {STATE} refers to")
+    return int(state["step"])
+
+
+def _refs(obj, out: list[str]) -> None:
+    """The ``__tensor__`` keys of an encoded state (:func:`_encode`)."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            out.append(obj["__tensor__"])
+        for v in obj.values():
+            _refs(v, out)
+    elif isinstance(obj, list):
+        for v in obj:
+            _refs(v, out)
+
+
 def _check_shapes(file: Path, expected: Mapping[str, torch.Tensor], what: str) -> None:
-    header, _, _ = io.read_header(file)
+    header = _header(file)
     saved = {k: tuple(h["shape"]) for k, h in header.items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
@@ -367,7 +427,7 @@ def load_checkpoint(path, *, model: nn.Module, ema: EMA, optimizer: torch.optim.
         opt_state = _decode(state["optimizer"], tensors)
         sched_state = None if state["scheduler"] is None else _decode(state["scheduler"], tensors)
     except KeyError as err:
-        raise ValueError(f"{path / TENSORS}: missing tensor {err}") from None
+        raise _bad(path / TENSORS, f"missing tensor {err}") from None
     _check_optimizer(path / TENSORS, opt_state, optimizer)
     if scheduler is not None and sched_state is None:
         raise ValueError(f"{path / STATE}: holds no scheduler state")
@@ -448,6 +508,6 @@ def export_ema(path, ema: EMA | Mapping[str, torch.Tensor], meta: Mapping | None
     path = Path(path)
     tensors = ema.state_dict() if isinstance(ema, EMA) else ema
     meta = dict(meta or {})
-    io.write_json(io.sidecar_path(path), meta)
-    _write_tensors(path, tensors, meta)
+    with io.sidecar_first(path, meta):  # an error leaves a previous pair as it was
+        _write_tensors(path, tensors, meta)
     return path

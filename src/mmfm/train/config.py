@@ -31,7 +31,10 @@ that names the key. Keys (defaults in brackets):
   :func:`~mmfm.train.weighting.warmup_steps_from_micro_batches`), ``adaptive_gamma`` [2.0],
   ``adaptive_clamp`` [(0.3, 3.0)] (see :mod:`mmfm.train.weighting`);
 - evaluation: ``eval_every`` [0: off] steps, the Fréchet distance of ``eval_samples`` [512] EMA
-  samples (``eval_steps`` [20] Euler steps) to the first ``eval_rows`` [4096] data rows, in ``fd.csv``.
+  samples (``eval_steps`` [20] Euler steps) to the first ``eval_rows`` [4096] data rows, in ``fd.csv``;
+- ``data_fingerprint`` [None]: set by ``mmfm train``, not by hand -- the fingerprint of the shards and GMM files
+  the run trains on (:func:`mmfm.data.fingerprint.inputs_fingerprint`), so a run whose data changed is not
+  resumed (a checkpoint that predates the key resumes as before).
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class TrainConfig:
     eval_samples: int = 512
     eval_steps: int = 20
     eval_rows: int = 4096
+    data_fingerprint: str | None = None
 
     # ------------------------------------------------------------------------------------------
     @classmethod
@@ -233,6 +237,8 @@ class TrainConfig:
         """``{key: (saved value, this value)}`` for the settings that differ from a checkpoint's ``saved``
         config and that a resumed run may not change (all but :data:`RESUMABLE_CHANGES`)."""
         mine = self.to_dict()
+        if "data_fingerprint" not in saved or mine["data_fingerprint"] is None:  # an older checkpoint: unknown
+            mine.pop("data_fingerprint")
         return {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
 
     def shift(self, dim: int) -> float:

@@ -63,8 +63,9 @@ def fd_of_images(images, tokenizer, reference: FeatureStats, *, norm=None, batch
     import numpy as np
 
     if not hasattr(images, "shape"):
-        with np.load(images, allow_pickle=False) as f:
-            images = f["arr_0"]
+        from mmfm.io import load_samples
+
+        images = load_samples(images)  # a damaged file: named, with the command that rebuilds it
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images: expected (n, H, W, 3) uint8, got {images.shape} {images.dtype}")
     stats = FeatureStats(reference.dim)

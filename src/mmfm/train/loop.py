@@ -34,7 +34,7 @@ dropout mask drawn from the same generator for CFG) or nothing.
 Resume: every ``checkpoint_every`` steps (and at the end) the model, EMA, AdamW, scheduler, step, the
 stream's position, every rank's generators and the config go to ``out_dir/step-XXXXXXX`` through
 :func:`~mmfm.train.checkpoint.save_checkpoint`; ``train(..., resume=True)`` continues from the latest one,
-bit for bit on the CPU. SIGTERM / SIGUSR1 finish the step, checkpoint and raise
+bit for bit on the CPU. SIGTERM / SIGUSR1 / SIGINT finish the step, checkpoint and raise
 :class:`TrainingInterrupted` (``exit_code = 128 + signum``). A non-finite loss or gradient norm is never
 applied (the fused AdamW skips it on the device); it raises :class:`NonFiniteLoss`, naming that step, at
 the next read-back (at most ``log_every`` steps later), always before a checkpoint could be written, so
@@ -50,6 +50,7 @@ import functools
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -66,7 +67,7 @@ from mmfm.flow.couplings import make_coupling
 from mmfm.flow.path import LinearPath
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler
-from mmfm.models.velocity import build_velocity_network
+from mmfm.models.velocity import build_velocity_network, source_record, tokenizer_record
 from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_checkpoint, load_checkpoint,
                                    save_checkpoint)
 from mmfm.train.config import TrainConfig
@@ -83,7 +84,7 @@ METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "mfu")
 TENSORBOARD = "tensorboard"
 EMA_EXPORT = "ema.safetensors"
 FD_LOG = "fd.csv"
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C (a second one stops at once)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -161,14 +162,21 @@ def build_coupling(cfg: TrainConfig, source, device):
     return make_coupling("mode", source, assigner=assigner, assignment=cfg.coupling.removeprefix("mode-"))
 
 
-def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int, step: int) -> dict:
-    """Metadata of ``ema.safetensors``, readable by :func:`mmfm.models.velocity.load_velocity_model`."""
+def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int, step: int, *,
+                shards_meta: dict | None = None, source: dict | None = None) -> dict:
+    """Metadata of ``ema.safetensors``, readable by :func:`mmfm.models.velocity.load_velocity_model`, and what
+    ``mmfm sample --model`` needs besides: ``tokenizer``, the :func:`~mmfm.models.velocity.tokenizer_record` of
+    the shards' metadata ``shards_meta`` (None when not given), and ``source``, a
+    :func:`~mmfm.models.velocity.source_record` (given; else the kind and the GMM file's name, unread)."""
+    if source is None:
+        source = {"kind": "gmm", "file": cfg.gmm} if cfg.source == "gmm" else {"kind": cfg.source}
     return {"kind": "mmfm-velocity", "preset": cfg.model, "in_channels": token_dim, "num_tokens": num_tokens,
             "patch_size": int(cfg.model_overrides.get("patch_size", 1)), "conditioning": cfg.conditioning,
             "num_classes": num_labels, "class_dropout_prob": cfg.class_dropout_prob,
             "null_label": num_labels if cfg.class_dropout_prob > 0 else None, "time_convention": "paper",
-            "layout": "tokens", "step": step, "source": cfg.source, "coupling": cfg.coupling,
-            "model_overrides": dict(cfg.model_overrides)}
+            "layout": "tokens", "step": step, "source": source, "coupling": cfg.coupling,
+            "model_overrides": dict(cfg.model_overrides),
+            "tokenizer": None if shards_meta is None else tokenizer_record(shards_meta)}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -188,12 +196,15 @@ def _default_device() -> torch.device:
 
 @contextlib.contextmanager
 def _stop_signals(flag: dict):
-    """Record SIGTERM / SIGUSR1 in ``flag["signum"]`` while the loop runs (main thread only)."""
+    """Record SIGTERM / SIGUSR1 / SIGINT in ``flag["signum"]`` while the loop runs (main thread only); a
+    second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` at once, without the checkpoint."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if signum == signal.SIGINT and flag.get("signum") is not None:
+            raise KeyboardInterrupt
         flag["signum"] = signum
 
     old = {s: signal.signal(s, handler) for s in SIGNALS}
@@ -300,7 +311,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     Args:
         config: a :class:`TrainConfig` or the dict it is built from.
         resume: continue from ``latest_checkpoint(out_dir)`` when there is one (else start fresh).
-        progress: show a tqdm bar (rank 0).
+        progress: show progress (rank 0; :func:`mmfm.progress.progress`: a tqdm bar on a terminal, plain lines
+            in a log).
         max_steps: take at most this many optimizer steps in this call (a time-boxed job), then
             checkpoint and return with ``done`` false; ``None``: run to ``config.steps``.
         device: default ``cuda:LOCAL_RANK`` when CUDA is usable, else the CPU.
@@ -309,12 +321,12 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     "micro_batch", "accumulation", "world_size", "resumed_from", "device", "threads" (CPU threads of this
     process)}``.
 
-    Raises :class:`TrainingInterrupted` after SIGTERM / SIGUSR1 (checkpoint written) and
+    Raises :class:`TrainingInterrupted` after SIGTERM / SIGUSR1 / SIGINT (checkpoint written) and
     :class:`NonFiniteLoss` on a non-finite loss or gradient norm (that update skipped, raised at the next
     log step, no checkpoint after it).
     Under ``torch.distributed`` every rank calls this; rank 0 writes the files.
     """
-    from tqdm.auto import tqdm
+    from mmfm.progress import progress as tqdm
 
     cfg = TrainConfig.from_dict(config)
     out_dir = Path(out_dir)
@@ -331,7 +343,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     stream = ShardStream(shards, per_rank, columns=columns, rank=rank, world_size=world, shuffle=cfg.shuffle,
                          buffer_rows=cfg.buffer_rows, seed=cfg.seed, drop_last=True, as_torch=True)
     if len(stream) == 0:
-        raise ValueError(f"shards: {stream.rows} rows cannot fill one global batch of {cfg.global_batch}")
+        raise ValueError(f"global_batch: the shards' {stream.rows} rows cannot fill one global batch of "
+                         f"{cfg.global_batch}; lower train.global_batch or add images")
     (h, w), token_dim = stream.meta["grid"], int(stream.meta["token_dim"])
     num_tokens = int(h) * int(w)
     log.info("global batch %d = %d rank(s) x micro-batch %d x accumulation %d", cfg.global_batch, world, micro,
@@ -339,6 +352,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 
     # ---- flow: source, coupling, times
     source = build_source(cfg, (num_tokens, token_dim), device)
+    source_info = source_record(cfg.source, cfg.gmm)  # what the export records: the GMM as trained with
     coupling = build_coupling(cfg, source, device)
     lo, hi = cfg.time_interval
     times = TimeSampler(cfg.time_dist, mu=cfg.time_mu, sigma=cfg.time_sigma, interval=(lo, hi),
@@ -421,6 +435,10 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                        tensorboard=out_dir / TENSORBOARD if cfg.tensorboard else None)
     evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step,
                            metrics) if cfg.eval_every and rank == 0 else None)  # Fréchet distance, rank 0
+    if not cfg.eval_every and rank == 0 and (out_dir / FD_LOG).exists():  # evaluation dropped on resume: the
+        (out_dir / FD_LOG).unlink()  # distances of the steps before would pass for this run's curve
+        print(f"eval_every is 0: removed {out_dir / FD_LOG}, the distances of the steps before {step}",
+              file=sys.stderr)
     peak = None  # MFU = samples/s * FLOPs per sample / (ranks * the device's dense bf16 peak), on CUDA
     if device.type == "cuda" and rank == 0:
         from mmfm.bench.train import device_peak
@@ -492,7 +510,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     done = step >= cfg.steps
     exported = None
     if done and rank == 0:
-        exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step))
+        exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step,
+                                                                  shards_meta=stream.meta, source=source_info))
     return {"step": step, "done": done, "checkpoint": last_ckpt, "ema": exported, "losses": losses,
             "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from,
             "device": str(device), "threads": torch.get_num_threads()}
