@@ -458,6 +458,27 @@ def _check_images(config: dict, root: Path) -> None:
         raise ConfigError(f"{what}; {config['data']['images']} holds {total}")
 
 
+def image_folder_state(config: dict, root: str | Path = ".") -> str:
+    """A digest of the image folder's class subfolders and their modification times (``""`` for the digits
+    demo, whose images the workflow writes): the encode rule's parameter that reruns it when images are added
+    to or removed from a class, which Snakemake's own check of the folder (its top level's time) misses.
+    One ``stat`` per class; an image rewritten in place is not seen (touch its class folder)."""
+    import hashlib
+
+    if config["data"]["source"] == "digits":
+        return ""
+    folder = Path(config["data"]["images"])
+    folder = folder if folder.is_absolute() else Path(root) / folder
+    h = hashlib.sha256()
+    try:
+        with os.scandir(folder) as it:
+            for entry in sorted((e for e in it if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name):
+                h.update(f"{entry.name}\0{entry.stat().st_mtime_ns}\0".encode())
+    except OSError:
+        return ""  # a missing folder: the config check names it
+    return h.hexdigest()[:16]
+
+
 def _check_inception(config: dict) -> None:
     """``eval.metric: fid`` needs pytorch-fid's Inception weights: ``eval.inception`` or the torch hub cache
     (jobs never download)."""

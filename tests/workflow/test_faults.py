@@ -418,6 +418,33 @@ def test_changed_inputs_start_the_run_afresh_and_keep_the_old_one(demo, tmp_path
     assert_steps_once_each(copy, 4)  # trained from step 0: nothing of the old run mixed in
 
 
+def test_new_images_reencode_and_start_the_run_afresh(demo, tmp_path):
+    """Images added to a class of one's own image folder: Snakemake re-encodes (it would not see a new file
+    in a class subfolder by itself), refits, and the run, whose shards' fingerprint changed, starts afresh
+    with the old folder kept aside (the same line in RUN/train.log, which keeps every attempt)."""
+    copy, configfile = copy_demo(demo, tmp_path)
+    cfg = yaml.safe_load(Path(configfile).read_text())
+    cfg["data"] = {"source": "folder", "images": "images"}
+    (copy / "results/digits").rename(copy / "images")
+    Path(configfile).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    smk(copy, EMA, "--cores", "2", "--configfile", configfile)  # the demo's images as a folder of one's own
+    assert "Nothing to be done" in console(smk(copy, EMA, "-n", "--configfile", configfile))
+    before = sum(shards.num_rows(p) for p in (copy / "results/shards").glob("*.parquet"))
+    first = sorted((copy / "images" / "3").iterdir())[0]
+    shutil.copy(first, copy / "images" / "3" / f"new-{first.name}")  # one more image of class 3
+    res = smk(copy, EMA, "--cores", "2", "--configfile", configfile)
+    text = console(res)
+    assert "rule encode:" in text and "rule fit_cls_gmm:" in text and "rule train:" in text, text[-3000:]
+    assert sum(shards.num_rows(p) for p in (copy / "results/shards").glob("*.parquet")) == before + 1
+    asides = sorted((copy / "results/runs").glob(f"{RUN}.prev-*"))  # moving the images made new shards too
+    assert len(asides) == 2, asides
+    aside = asides[-1]
+    for log in (job_log(copy, "train", RUN), (copy / RUN_DIR / "train.log").read_text()):
+        assert line_with(log, "data_fingerprint", "starting afresh", str(aside.relative_to(copy))) is not None, log
+    assert metric_steps(aside) == [1, 2, 3, 4] and ema_step(copy) == 4
+    assert_steps_once_each(copy, 4)
+
+
 def test_resumed_run_without_evaluation_drops_the_old_distances(demo, tmp_path):
     """eval_every: 0 on a run that evaluated before: the resumed run removes fd.csv, whose distances
     belong to the steps before (the report would take them for this run's curve), and says so."""

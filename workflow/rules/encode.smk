@@ -9,6 +9,7 @@ rule encode:
     params:
         encoder=config["encoder"],
         shards=config["shards"],
+        images=lambda wildcards: mc.image_folder_state(config),  # images added to or removed from a class
     log:
         f"{LOGS}/encode/shard-{{shard}}.log",
     benchmark:
