@@ -410,12 +410,6 @@ DIGITS_IMAGES = 1797
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 
 
-def _image_extensions() -> tuple[str, ...]:
-    from mmfm.data.images import EXTENSIONS
-
-    return tuple(EXTENSIONS)
-
-
 def _check_images(config: dict, root: Path) -> None:
     """The image folder before any job: one subfolder per class, each holding at least one readable image, and
     enough images for ``gmm.k`` modes. Reads the folder listing only, and stops counting once the classes
@@ -435,7 +429,8 @@ def _check_images(config: dict, root: Path) -> None:
     if not classes:
         raise ConfigError(f"data.images: {config['data']['images']} holds no class subfolders (one per class, "
                           "e.g. ImageNet train's n01440764/ ...)")
-    exts = _image_extensions()
+    from mmfm.data.images import EXTENSIONS, supported
+
     total = 0
     for d in classes:
         found, others = 0, []
@@ -443,7 +438,7 @@ def _check_images(config: dict, root: Path) -> None:
             for entry in it:
                 if entry.name.startswith(".") or not entry.is_file():
                     continue
-                if os.path.splitext(entry.name)[1].lower() in exts:
+                if supported(entry.name):
                     found += 1
                     if total + found >= need:
                         break
@@ -452,7 +447,7 @@ def _check_images(config: dict, root: Path) -> None:
         if not found:
             seen = f" (it holds {', '.join(others)}{', ...' if len(others) == 3 else ''})" if others else ""
             raise ConfigError(f"data.images: class folder {d} holds no image{seen}; readable extensions: "
-                              f"{' '.join(exts)}. Remove the folder or add its images")
+                              f"{' '.join(EXTENSIONS)}. Remove the folder or add its images")
         total += found
     if total < need:
         raise ConfigError(f"{what}; {config['data']['images']} holds {total}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import numpy as np
 
 from mmfm.recover import CorruptArtifact, locate
 
-__all__ = ["CorruptArtifact", "DiskFull", "TensorFile", "atomic_path", "disk_full_error", "load_samples",
+__all__ = ["CorruptArtifact", "DiskFull", "TensorFile", "atomic_path", "disk_full_error", "file_fingerprint",
+           "load_samples",
            "on_disk_full", "open_tensors", "read_header", "read_sidecar", "save_tensors", "sidecar_first",
            "sidecar_path", "tensor_metadata", "write_json"]
 
@@ -412,3 +414,42 @@ def load_samples(path: str | os.PathLike) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise CorruptArtifact(path, f"'arr_0' is {images.dtype} {images.shape}, expected uint8 (n, H, W, 3)")
     return images
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+_DATA_BYTES = 1 << 20
+
+
+def _parquet_footer(f, size: int, path: Path) -> bytes:
+    if size < 12:
+        raise ValueError(f"{path}: {size} bytes, too short for a Parquet file")
+    f.seek(size - 8)
+    tail = f.read(8)
+    (length,) = struct.unpack("<I", tail[:4])
+    if tail[4:] != b"PAR1" or length + 12 > size:
+        raise ValueError(f"{path}: not a complete Parquet file (no footer at its end); rebuild it")
+    f.seek(size - 8 - length)
+    return f.read(length)
+
+
+def _safetensors_head(f, size: int, path: Path) -> bytes:
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"{path}: {size} bytes, too short for a safetensors file")
+    (length,) = struct.unpack("<Q", head)
+    if length + 8 > size:
+        raise ValueError(f"{path}: header of {length} bytes in a file of {size}; the file is truncated")
+    return f.read(length) + f.read(_DATA_BYTES)
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file, reading little: its size and, for a Parquet shard, its footer (schema, key-value
+    metadata, each column chunk's offsets, sizes and statistics), else its safetensors header and first MiB of
+    data. Not its name: a renamed copy has the same fingerprint (:mod:`mmfm.data.fingerprint`)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}\0".encode())
+    with open(path, "rb") as f:
+        h.update(_parquet_footer(f, size, path) if path.suffix == ".parquet" else _safetensors_head(f, size, path))
+    return h.hexdigest()

@@ -120,20 +120,16 @@ def tokenizer_record(shards_meta: dict, decoder: str | None = None) -> dict:
 
 def source_fingerprint(path: str | os.PathLike) -> dict:
     """``{"shape": [K, N, D], "bytes", "sha256"}`` of a GMM file: the shape of its ``means``, its size and 16 hex
-    digits of the SHA-256 of its safetensors header (names, shapes, dtypes, offsets, metadata) and of its
-    ``weights`` tensor ``(K,)`` (so two fits of one shape differ); the means are not read."""
-    import hashlib
+    digits of :func:`mmfm.io.file_fingerprint` (its header and first MiB of data: the weights and
+    the first means, so two fits of one shape differ)."""
+    from mmfm.io import file_fingerprint
 
     path = Path(path)
-    header, meta, _ = io.read_header(path)
+    header, _, _ = io.read_header(path)
     if "means" not in header:
         raise ValueError(f"{path}: not a GMM file (no 'means' tensor; it has {sorted(header)})")
-    h = hashlib.sha256(json.dumps([header, meta], sort_keys=True).encode())
-    if "weights" in header:
-        arrays, _ = io.open_tensors(path, ["weights"])
-        h.update(np.ascontiguousarray(arrays["weights"]).tobytes())
     return {"shape": [int(v) for v in header["means"]["shape"]], "bytes": path.stat().st_size,
-            "sha256": h.hexdigest()[:16]}
+            "sha256": file_fingerprint(path)[:16]}
 
 
 def source_record(kind: str, gmm: str | os.PathLike | None = None) -> dict:
