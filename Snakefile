@@ -1,4 +1,4 @@
-# MM-FM as a workflow (design.md §3, §5): flow matching from a Gaussian mixture fitted to the data,
+# MM-FM as a workflow (docs/design.md §3, §5): flow matching from a Gaussian mixture fitted to the data,
 # with each image coupled to noise from its own mode.
 #
 #   images ──encode──▶ latent shards ──fit_cls_gmm──▶ CLS GMM ──spatial_stats / spatial_gmm──▶ spatial GMM
@@ -9,7 +9,7 @@
 #
 #   snakemake --cores 2                                   # the embedded digits demo (config.yaml)
 #   snakemake --configfile workflow/presets/imagenet256-dinov2.yaml --profile profiles/slurm
-#   snakemake --report results/report.html
+#   results/index.html: the results page (mmfm report builds it from what exists); snakemake --report results/report.html
 #   snakemake --cores 2 --configfile mine.yaml --config results_dir=results-mine   # beside the demo's results/
 
 import re

@@ -1,12 +1,11 @@
-"""mmfm.report: summary.json (targets on the evaluated grid, ratios, stages), tables and figures."""
+"""mmfm.report: summary.json (targets on the evaluated grid, ratios, stages, what each run is, the floor, runs
+still missing)."""
 
 import csv
 import json
 
 import pytest
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from mmfm import report
 from mmfm.toy import r10
@@ -81,12 +80,6 @@ def toy_json(tmp_path):
     return r10.write_outputs(rows, r10.R10Config(), tmp_path / "toy")["json"]
 
 
-def _png(path):
-    assert path.is_file() and path.stat().st_size > 10_000
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.width > 400 and im.height > 300
-
-
 def test_summary_targets_ratios_stages(tmp_path, runs, bench, toy_json):
     runs["indep"]["final"] = tmp_path / "indep-fid.json"
     (tmp_path / "indep-fid.json").write_text(json.dumps({"fid": 3.21, "n": 100}))
@@ -135,16 +128,6 @@ def test_read_benchmarks_na(bench):
     assert recs[("fit_gmm", "")]["s"] == 15.0 and recs[("fit_gmm", "")]["repeats"] == 2
 
 
-def test_benchmark_table(bench, tmp_path):
-    with open(report.benchmark_table(bench, tmp_path / "bench.csv"), newline="") as f:
-        rows = {r["rule"]: r for r in csv.DictReader(f)}
-    assert rows["train"] == {"rule": "train", "jobs": "3", "wall_s": "180.5", "mean_s": str(180.5 / 3),
-                             "max_s": "100.5", "peak_mem_mb": "2000.0"}
-    assert rows["report"]["wall_s"] == "" and rows["report"]["peak_mem_mb"] == ""
-    page = report.benchmark_table(bench, tmp_path / "bench.html").read_text()
-    assert page.startswith("<!DOCTYPE html>") and "<td>train</td>" in page and "<td>180.5</td>" in page
-
-
 def test_errors_name_the_file(tmp_path, runs, bench):
     fd = runs["mode"]["run_dir"] / "fd.csv"
     fd.write_text("step,nfe,value\n100,20,3.0\n")
@@ -157,7 +140,7 @@ def test_errors_name_the_file(tmp_path, runs, bench):
     assert str(fd) in str(err.value)
     fd.unlink()
     with pytest.raises(FileNotFoundError, match="fd.csv: no such file"):
-        report.plot_training_curves({"mode": runs["mode"]["run_dir"]}, tmp_path / "t.png")
+        report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
     bad = bench / "train" / "run=bad.tsv"
     bad.write_text("s\th:m:s\n1.0\t0:00:01\n")
     with pytest.raises(ValueError, match=r"run=bad\.tsv: missing column\(s\) \['max_rss'\]"):
@@ -176,43 +159,7 @@ def test_errors_name_the_file(tmp_path, runs, bench):
     toy = tmp_path / "r10.json"
     toy.write_text(json.dumps({"rows": [{"setting": "compact"}]}))
     with pytest.raises(ValueError, match="r10.json: not an r10.json"):
-        report.r10_table(toy, tmp_path / "r10.html")
-    gmm = tmp_path / "nogmm.safetensors"
-    save_file({"means": torch.zeros(3, 2)}, str(gmm))
-    with pytest.raises(ValueError, match=r"nogmm\.safetensors: missing tensor"):
-        report.plot_gmm_weights(gmm, tmp_path / "w.png")
-
-
-def test_plots_are_valid_pngs(tmp_path, runs):
-    out = tmp_path / "figs" / "deep"
-    _png(report.plot_training_curves({k: v["run_dir"] for k, v in runs.items()}, out / "train.png"))
-    _png(report.plot_nfe_curves({k: v["nfe_curve"] for k, v in runs.items()}, out / "nfe.png", target=6.0))
-    for k in (8, 300):
-        gmm = tmp_path / f"gmm{k}.safetensors"
-        w = torch.rand(k, dtype=torch.float64) ** 3 + 1e-3
-        save_file({"weights": w / w.sum(), "means": torch.zeros(k, 4), "variances": torch.ones(k, 4)}, str(gmm))
-        _png(report.plot_gmm_weights(gmm, out / f"w{k}.png"))
-    svg = report.plot_nfe_curves({"gauss": runs["gauss"]["nfe_curve"]}, out / "nfe.svg")
-    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
-    assert sorted(p.name for p in out.iterdir()) == ["nfe.png", "nfe.svg", "train.png", "w300.png", "w8.png"]
-
-
-def test_r10_table_beside_paper(toy_json, tmp_path):
-    with open(report.r10_table(toy_json, tmp_path / "r10.csv"), newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert [(r["setting"], r["source"], r["coupling"]) for r in rows] == list(r10.PAPER)
-    assert rows[5]["paper_len"] == "2.0" and rows[5]["paper_w2"] == "1.556" and rows[5]["len"] == "2.0"
-    page = report.r10_table(toy_json, tmp_path / "r10.html").read_text()
-    assert "<td>1.67</td>" in page and "<td>1.631</td>" in page and "paper -11.2%" in page
-
-
-def test_summary_table(tmp_path, runs):
-    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
-    with open(report.summary_table(s, tmp_path / "runs.csv"), newline="") as f:
-        rows = {r["run"]: r for r in csv.DictReader(f)}
-    assert rows["mode"]["steps_ratio"] == "2.0" and rows["never"]["steps_to_baseline_final"] == ""
-    page = report.summary_table(s, tmp_path / "runs.html").read_text()
-    assert "<td>mode</td>" in page and "30× fewer training steps" in page
+        report.read_r10(toy)
 
 
 def test_summary_and_report_show_the_bad_images(tmp_path, runs):
@@ -245,13 +192,78 @@ def test_summary_and_report_show_the_bad_images(tmp_path, runs):
     assert all(e["reason"] for e in data["bad_examples"])
     few = report.read_images(paths, examples=2)
     assert few["bad_images"] == 3 and len(few["bad_examples"]) == 2
-    page = report.summary_table(s, tmp_path / "runs.html").read_text()
-    assert "Images: 8 encoded, 3 bad left out (" in page and "broken.png: " in page and "notes.xyz" in page
+    assert data["classes"] == 2
     assert "1 more in the shards" in report.images_line(few)
     # shards of another tool (no bad-image record) count their original rows and no bad image
     other = tmp_path / "other.parquet"
     shards.write_shard(other, {"flip": np.array([False, True, False]), "cls": np.zeros((3, 2), np.float32)}, {})
-    assert report.read_images([other]) == {"images": 2, "bad_images": 0, "bad_examples": []}
+    assert report.read_images([other]) == {"images": 2, "classes": None, "bad_images": 0, "bad_examples": []}
     with pytest.raises(FileNotFoundError, match="missing.parquet: no such file"):
         report.read_images([tmp_path / "missing.parquet"])
     assert report.summarize(runs, baseline="gauss", out=tmp_path / "t.json")["data"] is None
+
+
+def test_summary_records_what_each_run_is_and_its_nfe_curve(tmp_path, runs, bench):
+    for name, spec in runs.items():
+        spec.update(description=f"the {name} run", method="fm", source="gmm" if name != "gauss" else "gaussian",
+                    coupling="mode-soft", conditioning="none", model="ditdh-demo", final_nfe=32, final_samples=512)
+    runs["mode"]["sampler"] = "heun"
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json", benchmarks=bench,
+                         fd_eval={"metric": "fd"}, fd_floor={"512": 0.8})
+    r = s["runs"]["mode"]
+    assert r["fd_over_nfe"] == {"heun": [[n, v] for n, v in zip(NFES, NFE_FD["mode"])]}  # the last step's rows
+    assert s["runs"]["gauss"]["fd_over_nfe"] == {"euler": [[n, v] for n, v in zip(NFES, NFE_FD["gauss"])]}
+    assert (r["description"], r["method"], r["source"], r["model"], r["status"]) == \
+        ("the mode run", "fm", "gmm", "ditdh-demo", "complete")
+    assert (r["final_nfe"], r["final_samples"]) == (32, 512) and s["fd_floor"] == {"512": 0.8}
+    assert [j["rule"] for j in s["jobs"]].count("train") == 3 and s["missing"] == []
+    labels = [p["label"] for p in s["paper"]["imagenet_fid"]]
+    assert labels == ["Gaussian baseline", "GMM source + mode coupling, unconditional network", "+ mode-conditional network"]
+    assert [p["fid"] for p in s["paper"]["imagenet_fid"]] == [9.33, 3.82, 3.18]
+    assert [p["conditioning"] for p in s["paper"]["imagenet_fid"]] == ["none", "none", "mode"]
+
+
+def test_a_run_still_training_is_listed_as_missing_not_an_error(tmp_path, runs):
+    (runs["indep"]["run_dir"] / "fd.csv").unlink()
+    runs["indep"]["nfe_curve"].unlink()
+    (runs["never"]["run_dir"] / "metrics.csv").write_text("step,loss\n1,0.5\nhalf")  # a line being written
+    with pytest.raises(FileNotFoundError):
+        report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json", strict=False)
+    assert s["runs"]["indep"]["status"] == "missing" and s["runs"]["indep"]["fd_over_nfe"] == {"euler": []}
+    assert s["runs"]["mode"]["status"] == "complete" and s["runs"]["mode"]["steps_ratio"] == 2.0
+    missing = {m["path"]: m["reason"] for m in s["missing"]}
+    assert missing[str(runs["indep"]["run_dir"] / "fd.csv")] == "not there (yet)"
+    assert missing[str(runs["indep"]["nfe_curve"])] == "not there (yet)"
+    assert "unreadable" in missing[str(runs["never"]["run_dir"] / "metrics.csv")]
+    assert s["runs"]["never"]["steps"] is None and s["runs"]["never"]["fd_over_nfe"]["euler"]
+
+
+def test_fd_floor_is_the_distance_of_two_real_samples(tmp_path):
+    """On standard-normal "tokens", the floor equals the mean distance between fresh independent samples of
+    the same sizes (pytorch-fid's formula on new draws: what a perfect model would score), and falls with n."""
+    import numpy as np
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from mmfm.data import shards
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(600, 3, 2)).astype(np.float32)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"shard-{i}.parquet")
+        shards.write_shard(paths[-1], {"tokens": tokens[300 * i:300 * (i + 1)], "label": np.zeros(300, np.int64)},
+                           {"grid": [3, 1], "token_dim": 2})
+    floor = report.fd_floor(paths, [50, 200, 499, 1], rows=500, draws=40)
+    assert set(floor) == {"50", "200"}  # one row on a side gives no floor
+    assert floor["50"] > floor["200"]
+
+    def fresh(n, m, reps=200):
+        vals = []
+        for _ in range(reps):
+            a, b = rng.normal(size=(n, 6)), rng.normal(size=(m, 6))
+            vals.append(calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
+        return float(np.mean(vals))
+
+    assert floor["50"] == pytest.approx(fresh(50, 450), rel=0.15)
+    assert floor["200"] == pytest.approx(fresh(200, 300), rel=0.15)

@@ -101,12 +101,32 @@ def test_decoded_pixels_round_trip_and_adm_files(tmp_path):
     labels = np.arange(5)
     with np.load(save_npz(tmp_path / "s.npz", images, labels), allow_pickle=False) as f:
         assert np.array_equal(f["arr_0"], images) and np.array_equal(f["arr_1"], labels)
-    grid = np.asarray(Image.open(save_grid(tmp_path / "g.png", images)))
+    grid = np.asarray(Image.open(save_grid(tmp_path / "g.png", images, min_cell=8)))  # no enlargement
     assert grid.shape == (2 * 10 + 2, 3 * 10 + 2, 3)
     assert np.array_equal(grid[2:10, 2:10], images[0]) and np.array_equal(grid[12:20, 2:10], images[3])
     with pytest.raises(ValueError, match="uint8"):
         save_npz(tmp_path / "bad.npz", images.astype(np.float32))
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_small_images_are_enlarged_in_the_grid_gutters_with_them(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    grid = np.asarray(Image.open(save_grid(tmp_path / "g.png", images)))  # 8 px -> 64 px cells, 16 px gutters
+    f, cell = 8, 8 * 8 + 2 * 8
+    assert grid.shape == (2 * cell + 2 * f, 3 * cell + 2 * f, 3)
+    for i, im in enumerate(images):
+        r, c = divmod(i, 3)
+        top, left = 2 * f + r * cell, 2 * f + c * cell
+        assert np.array_equal(grid[top:top + 64, left:left + 64], np.kron(im, np.ones((f, f, 1), np.uint8)))
+        assert (grid[top - 2 * f:top, left:left + 64] == 255).all()  # the gutter above, scaled too
+    assert (grid[2 * f + cell:, 2 * f + 2 * cell:] == 255).all()  # the empty sixth cell
+    odd = np.random.default_rng(2).integers(0, 256, (2, 5, 3, 3), dtype=np.uint8)  # ceil(64 / 5) = 13
+    grid = np.asarray(Image.open(save_grid(tmp_path / "o.png", odd)))
+    assert grid.shape == (65 + 26 + 26, 2 * (39 + 26) + 26, 3)
+    assert np.array_equal(grid[26:91, 26 + 65:26 + 65 + 39], odd[1].repeat(13, 0).repeat(13, 1))
+    big = np.random.default_rng(3).integers(0, 256, (1, 64, 96, 3), dtype=np.uint8)  # ImageNet-size: as is
+    grid = np.asarray(Image.open(save_grid(tmp_path / "b.png", big)))
+    assert grid.shape == (68, 100, 3) and np.array_equal(grid[2:66, 2:98], big[0])
 
 
 def test_sample_command_end_to_end(tmp_path, capsys):

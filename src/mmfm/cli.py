@@ -295,6 +295,25 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _report(args: argparse.Namespace) -> int:
+    """``mmfm report``: summary.json and the results page from whatever the workflow has written so far."""
+    from mmfm import page, report
+    from mmfm.plan import load
+
+    root = Path(args.directory)
+    configfile = Path(args.configfile) if args.configfile else load.default_configfile(root)
+    config, _ = load.validate(load.read_configfile(configfile), root)
+    if args.results is not None:
+        config["results_dir"] = args.results
+    summary, files = report.summarize_config(config, root, strict=False)
+    notes = {} if args.no_decode else page.draw_gallery(files, config, args.device, strict=False)
+    out = page.write(summary, files, strict=False, notes=notes)
+    missing = summary["missing"]
+    print(f"{out}: {len(summary['runs'])} runs" + (f"; {len(missing)} expected file(s) missing or unreadable "
+                                                   "(listed on the page)" if missing else "") + f"; {files['summary']}")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     """``mmfm plan``: the table, what does not fit, the total disk and GPU-hours (last two lines); with
     ``--json`` the plan as one JSON object after them; with ``--strict`` exit 1 when a job does not fit."""
@@ -907,6 +926,17 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--quick", action="store_true", help="headers and sizes only (no Parquet page or .npz reads)")
     ck.add_argument("--json", action="store_true", help="also print the findings as one JSON object, the last line")
     ck.set_defaults(func=_check)
+
+    rp = sub.add_parser("report", help="write summary.json and the results page (index.html) from what exists",
+                        description="Builds RESULTS/summary.json and RESULTS/index.html, the page the report rule "
+                                    "writes, from whatever the workflow has written so far: runs still training or "
+                                    "failed are listed as missing, and nothing missing stops the page.")
+    rp.add_argument("results", nargs="?", default=None, help="the results folder (default: the config's results_dir)")
+    rp.add_argument("--configfile", default=None, help="the workflow config (default: config.yaml, as snakemake)")
+    rp.add_argument("--directory", default=".", help="the working directory the config's paths are relative to")
+    rp.add_argument("--device", default="cpu", help="where the data and mode-mean grids are decoded")
+    rp.add_argument("--no-decode", action="store_true", help="skip the decoded grids (data, mode means)")
+    rp.set_defaults(func=_report)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""A typed view of the workflow's ``config.yaml`` (design.md §5) and the checks a JSON schema cannot make.
+"""A typed view of the workflow's ``config.yaml`` (docs/design.md §5) and the checks a JSON schema cannot make.
 
 The workflow validates the config against ``workflow/schemas/config.schema.yaml`` first (types, ranges,
 unknown keys, defaults filled in), then calls :func:`check`, which stops before any job with a message

@@ -1,6 +1,8 @@
-"""The report of a pipeline run: ``summary.json``, tables and figures (design.md §4, §7; method.md §4, §7).
+"""summary.json: every number of a pipeline run in one file (docs/design.md §4, §7; docs/method.md §4, §7).
 
-Inputs (all read with a clear error naming the file when it is missing or malformed):
+The results page (:mod:`mmfm.page`) and any script read this one file. Inputs, each read with a clear
+error naming the file when it is missing or malformed (or, with ``strict=False``, listed under
+``missing`` so that a results folder with runs still training still gets its page):
 
 - a training folder: ``metrics.csv`` (``step,loss,lr,grad_norm,samples_per_s``) and ``fd.csv``
   (``step,nfe,fd``: the Fréchet distance of EMA samples to the data during training);
@@ -11,25 +13,24 @@ Inputs (all read with a clear error naming the file when it is missing or malfor
 - Snakemake benchmark TSVs under ``results/benchmarks/`` (``<rule>/<wildcards>.tsv`` or ``<rule>.tsv``);
   ``s`` in seconds, ``max_rss`` in MB, ``-`` / ``NA`` for values Snakemake could not measure;
 - the toy's ``r10.json`` (:func:`mmfm.toy.r10.write_outputs`: ``{"rows": [...], "claims": ..., "config": ...}``);
+- the GMM sidecars (``cls.json``, ``spatial.json``): iterations, re-seeded, collapsed and empty modes;
 - the latent shards' Parquet metadata (:func:`read_images`): the images encoded and the bad images left out.
 
 Targets are reached on the evaluated grid, never interpolated: the step (NFE) reported is the first
-evaluated one whose distance is at or below the target. Tables are CSV when the output ends ``.csv``,
-else HTML; figures are PNG or SVG by suffix. Every output is written to a temporary name and renamed.
+evaluated one whose distance is at or below the target. Every output is written to a temporary name
+and renamed.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
 
 from mmfm import io
 
@@ -37,12 +38,21 @@ METRICS, FD_LOG = "metrics.csv", "fd.csv"  # the names mmfm.train.loop writes
 BAD_EXAMPLES = 10  # bad images named in summary.json (all of them are in the shards' metadata)
 NA = {"", "-", "na", "nan", "none", "n/a"}
 
-PAPER = {  # the R^10 table is mmfm.toy.r10.PAPER (method.md §4), imported where used (POT, sklearn are slow)
-    # method.md §7 "Paper main table": DiTDH-XL, unconditional ImageNet-256, 80 epochs, FID without guidance
-    "imagenet_fid": {"gaussian/independent": 9.33, "gmm/independent": 3.82, "gmm/mode": 3.18},
-    # method.md §7 "Other claims": 30x faster convergence, 1/5 of the sampling steps
-    "steps_ratio": 30.0,
-    "nfe_ratio": 5.0,
+#: The paper's main table (docs/method.md §7: DiTDH-XL, unconditional ImageNet-256, 80 epochs, 50-step ODE)
+#: in the words of the README and the presets. The paper labels its rows "Gaussian / Indep.", "GMM / Indep."
+#: and "GMM / Mode"; its project page and the release's README read the last two as one mode-coupled GMM
+#: run with an unconditional network (3.82) and one with a mode-conditional network (3.18).
+PAPER = {
+    "imagenet_fid": [
+        {"label": "Gaussian baseline", "paper_label": "Gaussian / Indep.", "source": "gaussian",
+         "coupling": "independent", "conditioning": "none", "fid": 9.33, "fid_autoguidance": 5.82},
+        {"label": "GMM source + mode coupling, unconditional network", "paper_label": "GMM / Indep.", "source": "gmm",
+         "coupling": "mode", "conditioning": "none", "fid": 3.82, "fid_autoguidance": 3.23},
+        {"label": "+ mode-conditional network", "paper_label": "GMM / Mode", "source": "gmm",
+         "coupling": "mode", "conditioning": "mode", "fid": 3.18, "fid_autoguidance": 2.74},
+    ],
+    "steps_ratio": 30.0,  # "30x faster convergence"
+    "nfe_ratio": 5.0,     # "1/5 of the sampling steps"
 }
 
 
@@ -141,7 +151,8 @@ def stages(records: list[dict]) -> dict:
 
 
 def read_r10(path) -> dict:
-    """``{"rows": [{setting, source, coupling, len, w2, w2_floor, paper_len, paper_w2}], "claims": {...}}``;
+    """``{"rows": [{setting, source, coupling, len, w2, w2_floor, paper_len, paper_w2}], "claims": {...},
+    "config": the settings that produced it}``;
     the paper columns come from :data:`mmfm.toy.r10.PAPER`."""
     from mmfm.toy.r10 import PAPER as r10_paper
 
@@ -154,7 +165,7 @@ def read_r10(path) -> dict:
             float(r["len"]), float(r["w2"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{path}: not an r10.json of mmfm.toy.r10 ({type(err).__name__}: {err})") from None
-    return {"rows": rows, "claims": data.get("claims", {})}
+    return {"rows": rows, "claims": data.get("claims", {}), "config": data.get("config", {})}
 
 
 def read_images(shard_paths, examples: int = BAD_EXAMPLES) -> dict:
@@ -165,10 +176,11 @@ def read_images(shard_paths, examples: int = BAD_EXAMPLES) -> dict:
     reasons gives ``reason`` ``None``."""
     from mmfm.data import shards  # here: pyarrow is not needed by the rest of the report
 
-    images, bad, named = 0, 0, []
+    images, bad, named, labels = 0, 0, [], set()
     for path in shard_paths:
         meta = shards.read_metadata(_need(path))
         images += shards.count_originals(path)[1]
+        labels |= _labels(path)
         record = meta.get("bad_images") or {}
         count = record.get("count", 0)
         if not (isinstance(count, int) and count >= 0):
@@ -176,7 +188,18 @@ def read_images(shard_paths, examples: int = BAD_EXAMPLES) -> dict:
         bad += count
         listed = record.get("examples") or [{"path": q, "reason": None} for q in record.get("paths", [])]
         named += [{"path": str(e["path"]), "reason": e.get("reason")} for e in listed[:max(0, examples - len(named))]]
-    return {"images": images, "bad_images": bad, "bad_examples": named}
+    return {"images": images, "classes": len(labels) if labels else None, "bad_images": bad, "bad_examples": named}
+
+
+def _labels(path) -> set:
+    """The distinct labels of a shard (its ``label`` column; none without one)."""
+    from mmfm.data import shards
+
+    pf = shards.open_file(path)
+    if "label" not in pf.schema_arrow.names:
+        return set()
+    with shards.reading(path):
+        return set(pf.read(columns=["label"]).column("label").unique().to_pylist())
 
 
 def _final(spec: dict, fd_rows: list[dict]) -> float | None:
@@ -193,6 +216,26 @@ def _final(spec: dict, fd_rows: list[dict]) -> float | None:
         if isinstance(data, dict) and isinstance(data.get(key), (int, float)):
             return float(data[key])
     raise ValueError(f"{path}: no numeric {spec['metric']!r} (or 'value') field")
+
+
+def read_gmm(cls_gmm=None, spatial_gmm=None) -> dict:
+    """What the GMM stages say about their fit, from the sidecars (``x.json`` beside ``x.safetensors``):
+    ``{"k", "rows", "n_iter", "converged", "final_loglik", "reseeded_total", "collapsed", "empty_modes",
+    "floored_variances"}``; a value neither sidecar records is ``None``."""
+    from mmfm.gmm.files import read_sidecar  # here: it imports the EM code
+
+    out = dict.fromkeys(("k", "rows", "n_iter", "converged", "final_loglik", "reseeded_total", "collapsed",
+                         "empty_modes", "floored_variances"))
+    if cls_gmm is not None:
+        side = read_sidecar(_need(cls_gmm))
+        fit = side.get("fit") or {}
+        out.update({k: fit.get(k) for k in ("n_iter", "converged", "final_loglik", "reseeded_total", "collapsed")})
+        out["k"], out["rows"] = side.get("k"), (side.get("data") or {}).get("rows")
+    if spatial_gmm is not None:
+        side = read_sidecar(_need(spatial_gmm))
+        out["empty_modes"], out["floored_variances"] = side.get("empty_modes"), side.get("floored_variances")
+        out["k"] = out["k"] if out["k"] is not None else side.get("k")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -214,35 +257,76 @@ def _clean(value):
     return value
 
 
-def summarize(runs: dict[str, dict], *, baseline: str, out: Path, toy_r10: Path | None = None,
-              benchmarks: Path | None = None, nfe_target: float | None = None, shards=None) -> dict:
-    """Write ``out`` (summary.json, atomically) and return it.
+class _Reader:
+    """Reads an artifact; ``strict``: a missing or malformed file raises (the workflow's report job), else
+    it is recorded in ``missing`` with the reason and the value is ``default`` (``mmfm report`` on a
+    results folder with runs still training or failed)."""
 
-    ``runs[name] = {"run_dir", "samples", "nfe_curve", "metric" ("fd" | "fid"), "final" (optional JSON)}``.
-    Per run: ``final``, ``fd_over_steps``, ``steps_to_baseline_final`` (first evaluated step with
-    fd <= the baseline's last fd.csv value, ``steps_target``), ``steps_ratio`` (the baseline's own such
-    step / this run's), ``nfe_for_target`` (smallest NFE of the curve with fd <= ``nfe_target``, default
-    the baseline's fd at its largest NFE), ``nfe_ratio``, ``final_loss``, ``steps`` (last step of
-    metrics.csv), ``wall_s`` (benchmarked seconds of jobs whose wildcards name the run). Top level:
-    ``runs``, ``baseline``, ``steps_target``, ``nfe_target``, ``toy_r10``, ``stages``, ``paper``, and
-    ``data`` (:func:`read_images` of the shard files ``shards``; ``None`` without them).
+    def __init__(self, strict: bool):
+        self.strict, self.missing = strict, []
+
+    def __call__(self, fn, path, *args, default=None, **kwargs):
+        if path is None:
+            return default
+        absent = [str(q) for q in (path if isinstance(path, (list, tuple)) else [path]) if not Path(q).exists()]
+        if not self.strict and absent:
+            self.missing += [{"path": q, "reason": "not there (yet)"} for q in absent]
+            return default
+        try:
+            return fn(path, *args, **kwargs)
+        except (OSError, ValueError) as err:
+            if self.strict:
+                raise
+            self.missing.append({"path": str(path if not isinstance(path, (list, tuple)) else path[0]),
+                                 "reason": f"unreadable ({err})"})
+            return default
+
+
+DESCRIPTORS = ("description", "method", "source", "coupling", "conditioning", "model")
+
+
+def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10: Path | None = None,
+              benchmarks: Path | None = None, nfe_target: float | None = None, shards=None,
+              gmm: dict | None = None, fd_eval: dict | None = None, fd_floor: dict | None = None,
+              strict: bool = True, absent=()) -> dict:
+    """Write ``out`` (summary.json, atomically; nothing when ``None``) and return it.
+
+    ``runs[name] = {"run_dir", "metric" ("fd" | "fid"), "nfe_curve", "samples", "final" (optional JSON),
+    "sampler" (default "euler"), "final_nfe", "final_samples", and the descriptors "description", "method",
+    "source", "coupling", "conditioning", "model"}``.
+
+    Per run: the descriptors, ``status`` ("complete": its NFE curve is there; else "missing"), ``final``
+    (the distance at ``final_nfe`` with ``final_samples`` samples), ``fd_over_steps`` ``[[step, fd], ...]``
+    (fd.csv), ``fd_over_nfe`` ``{sampler: [[nfe, fd], ...]}`` (the NFE curve's last step),
+    ``steps_to_baseline_final`` (first evaluated step with fd <= the baseline's last fd.csv value,
+    ``steps_target``), ``steps_ratio`` (the baseline's own such step / this run's), ``nfe_for_target``
+    (smallest NFE of the curve with fd <= ``nfe_target``, default the baseline's fd at its largest NFE),
+    ``nfe_ratio``, ``final_loss``, ``steps`` (last step of metrics.csv), ``wall_s`` (benchmarked seconds of
+    jobs whose wildcards name the run). Top level: ``runs``, ``baseline``, ``steps_target``, ``nfe_target``,
+    ``fd_eval`` (how the distances were measured), ``fd_floor`` (``{n: distance of n real rows}``),
+    ``toy_r10``, ``gmm`` (:func:`read_gmm` of ``gmm = {"cls": path, "spatial": path}``), ``data``
+    (:func:`read_images` of ``shards``), ``stages``, ``jobs`` (every benchmarked job), ``paper`` and
+    ``missing`` (``[{"path", "reason"}]``: what ``strict=False`` found absent or unreadable).
     """
     if baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs {sorted(runs)}")
+    read = _Reader(strict)
+    read.missing += [{"path": str(p), "reason": "not there (yet)"} for p in absent]
     data = {}
     for name, spec in runs.items():
         if not {"run_dir", "metric"} <= set(spec):
             raise ValueError(f"runs[{name!r}]: needs 'run_dir' and 'metric', got {sorted(spec)}")
         run_dir = Path(spec["run_dir"])
-        nfe = _last_step(read_curve(spec["nfe_curve"])) if spec.get("nfe_curve") else []
-        data[name] = (read_curve(run_dir / FD_LOG), read_metrics(run_dir / METRICS), nfe)
+        nfe = _last_step(read(read_curve, spec.get("nfe_curve"), default=[]))
+        data[name] = (read(read_curve, run_dir / FD_LOG, default=[]) if spec.get("fd_log", True) else [],
+                      read(read_metrics, run_dir / METRICS, default=[]), nfe)
     base_fd, _, base_nfe = data[baseline]
     steps_target = base_fd[-1]["fd"] if base_fd else None
     if nfe_target is None and base_nfe:
         nfe_target = base_nfe[-1]["fd"]
     base_step = first_reaching([(r["step"], r["fd"]) for r in base_fd], steps_target)
     base_n = first_reaching([(r["nfe"], r["fd"]) for r in base_nfe], nfe_target)
-    records = read_benchmarks(benchmarks) if benchmarks is not None else []
+    records = read(read_benchmarks, benchmarks, default=[])
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
 
     summary_runs = {}
@@ -252,89 +336,141 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path, toy_r10: Path 
         n = first_reaching([(r["nfe"], r["fd"]) for r in nfe], nfe_target)
         losses = [r["loss"] for r in metrics if r["loss"] is not None]
         walls = [r["s"] for r in records if r["s"] is not None and name in r["wildcards"].replace("=", "/").split("/")]
+        final = read(lambda _: _final(spec, fd), spec["final"]) if spec.get("final") else _final(spec, fd)
         summary_runs[name] = {
+            **{k: spec.get(k) for k in DESCRIPTORS}, "status": "complete" if nfe else "missing",
             "samples": str(spec["samples"]) if spec.get("samples") else None, "metric": spec["metric"],
-            "final": _final(spec, fd), "fd_over_steps": [[r["step"], r["fd"]] for r in fd],
+            "final": final, "final_nfe": spec.get("final_nfe"), "final_samples": spec.get("final_samples"),
+            "fd_over_steps": [[r["step"], r["fd"]] for r in fd],
+            "fd_over_nfe": {spec.get("sampler") or "euler": [[r["nfe"], r["fd"]] for r in nfe]},
             "steps_to_baseline_final": step, "steps_ratio": ratio(base_step, step),
             "nfe_for_target": n, "nfe_ratio": ratio(base_n, n),
             "final_loss": losses[-1] if losses else None, "steps": metrics[-1]["step"] if metrics else None,
             "wall_s": sum(walls) if walls else None,
         }
+    gmm = gmm or {}
     summary = _clean({
         "runs": summary_runs, "baseline": baseline, "steps_target": steps_target, "nfe_target": nfe_target,
-        "toy_r10": read_r10(toy_r10) if toy_r10 is not None else None, "stages": stages(records),
-        "data": read_images(shards) if shards is not None else None,
-        "paper": {k: PAPER[k] for k in ("imagenet_fid", "steps_ratio", "nfe_ratio")},
+        "fd_eval": fd_eval, "fd_floor": fd_floor,
+        "toy_r10": read(read_r10, toy_r10), "gmm": read(lambda _: read_gmm(gmm.get("cls"), gmm.get("spatial")),
+                                                          gmm.get("cls") or gmm.get("spatial")),
+        "data": read(read_images, shards) if shards is not None else None,
+        "stages": stages(records), "jobs": [{k: r[k] for k in ("rule", "wildcards", "s", "max_rss")} for r in records],
+        "paper": PAPER, "missing": read.missing,
     })
-    io.write_json(out, summary)
+    if out is not None:
+        io.write_json(out, summary)
     return summary
 
 
-# ------------------------------------------------------------------------------------------------ tables
+# ------------------------------------------------------------------------------------------------ from a config
 
-def _fmt(v) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def collect(config: dict, root=".") -> dict:
+    """Every file the report reads for a validated ``config`` (the workflow's layout under ``results_dir``,
+    relative to ``root``) and what each run is: ``{"results", "runs" (the ``runs`` argument of
+    :func:`summarize`, with ``grids``: ``{nfe: png}``), "baseline", "nfe_target", "shards", "gmm",
+    "toy_r10", "benchmarks", "fd_eval", "floor_sizes", "floor_rows"}``. Both the report job and ``mmfm report`` use it, so they read the same files."""
+    import mmfm.config as mc
+
+    root = Path(root)
+    res = root / mc.results_dir(config)
+    nfes, final_nfe = mc.nfes(config), mc.final_nfe(config)
+    runs, train_eval = {}, []
+    for name in mc.evaluated_runs(config):
+        spec, train, sample = config["runs"][name], mc.train_settings(config, name), mc.sample_settings(config, name)
+        if train.get("eval_every"):
+            train_eval.append((int(train.get("eval_samples", 0)), int(train.get("eval_steps", 0))))
+        runs[name] = {
+            "run_dir": res / "runs" / name, "metric": config["eval"]["metric"],
+            "nfe_curve": res / "eval" / name / "nfe_curve.csv", "final": res / "eval" / name / "final.json",
+            "samples": res / "samples" / name / f"nfe-{final_nfe}.npz",
+            "grids": {n: res / "samples" / name / f"nfe-{n}.png" for n in nfes},
+            "sampler": sample.get("method", "euler"), "final_nfe": final_nfe, "final_samples": int(sample["n"]),
+            "fd_log": bool(train.get("eval_every")),
+            "description": spec.get("description"), "method": spec.get("method", "fm"), "source": spec["source"],
+            "coupling": spec["coupling"], "conditioning": spec.get("conditioning", "none"),
+            "model": train.get("model"),
+        }
+    uses_gmm = mc.any_gmm(config)
+    first = next(iter(runs.values()), {})
+    fd_eval = {"metric": config["eval"]["metric"],
+               "training": ({"samples": train_eval[0][0], "nfe": train_eval[0][1], "sampler": "euler"}
+                            if train_eval and len(set(train_eval)) == 1 else None),
+               "final": {"samples": first.get("final_samples"), "nfe": final_nfe, "sampler": first.get("sampler")}}
+    sizes = sorted({n for n, _ in train_eval} | {r["final_samples"] for r in runs.values()})
+    return {
+        "results": res, "runs": runs, "baseline": mc.baseline(config),
+        "nfe_target": (config.get("report") or {}).get("nfe_target"),
+        "shards": [res / "shards" / f"shard-{i:04d}.parquet" for i in range(config["shards"]["num_shards"])],
+        "gmm": {"cls": res / "gmm" / "cls.safetensors", "spatial": res / "gmm" / "spatial.safetensors"} if uses_gmm else {},
+        "toy_r10": res / "toy_r10" / "r10.json" if config["toy_r10"]["enabled"] else None,
+        "benchmarks": res / "benchmarks", "fd_eval": fd_eval,
+        "floor_sizes": sizes if config["eval"]["metric"] == "fd" else [],
+        "floor_rows": int(config["eval"]["rows"]),
+    }
 
 
-def write_table(rows: list[dict], out, title: str = "", note: str = "") -> Path:
-    """``rows`` (dicts with the same keys) as CSV (``out`` ends .csv) or a small HTML page."""
-    out = Path(out)
-    columns = list(rows[0]) if rows else []
-    with io.atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        if out.suffix.lower() == ".csv":
-            w = csv.DictWriter(f, columns)
-            w.writeheader()
-            w.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-        else:
-            e = html.escape
-            head = "".join(f"<th>{e(c)}</th>" for c in columns)
-            body = "\n".join("<tr>" + "".join(f"<td>{e(_fmt(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
-            f.write(f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{e(title)}</title><style>'
-                    "body{font-family:sans-serif}table{border-collapse:collapse}"
-                    "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}</style></head>\n"
-                    f"<body><h3>{e(title)}</h3>\n<table><tr>{head}</tr>\n{body}\n</table>\n"
-                    + (f"<p>{e(note)}</p>\n" if note else "") + "</body></html>\n")
+def fd_floor(shards, sizes, rows: int = 4096, draws: int = 5, seed: int = 0) -> dict[str, float]:
+    """The Fréchet distance a perfect model would score at n samples: ``{str(n): mean over ``draws`` of the
+    distance between n of the first ``rows`` shard rows, drawn at random, and the statistics of the other
+    rows}`` — two disjoint sets of real data, in the space of the distances of the runs. A size that leaves
+    fewer than 2 rows on either side has no floor."""
+    from mmfm.data.stream import ShardStream
+    from mmfm.metrics.frechet import FeatureStats, frechet_distance
+
+    if not sizes:
+        return {}
+    stream = ShardStream(list(shards), min(rows, 1024), columns=("tokens",), shuffle=False, rank=0, world_size=1)
+    parts, got = [], 0
+    for batch in stream:
+        tok = np.asarray(batch["tokens"], dtype=np.float64).reshape(len(batch["tokens"]), -1)
+        parts.append(tok[: rows - got])
+        got += len(parts[-1])
+        if got >= rows:
+            break
+    x = np.concatenate(parts)
+    rng, out = np.random.default_rng(seed), {}
+    warnings.filterwarnings("ignore", "Matrix is singular", module="pytorch_fid")  # pixels constant at borders
+    for n in sizes:
+        if n < 2 or len(x) - n < 2:
+            continue
+        vals = []
+        for _ in range(draws):
+            order = rng.permutation(len(x))
+            a = FeatureStats(x.shape[1]).update(x[order[:n]])
+            b = FeatureStats(x.shape[1]).update(x[order[n:]])
+            vals.append(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+        out[str(n)] = float(np.mean(vals))
     return out
 
 
-def benchmark_table(benchmarks: Path, out: Path) -> Path:
-    """Per rule: jobs, total / mean / max runtime (s) and peak memory (max_rss, MB)."""
-    rows = [{"rule": rule, "jobs": st["jobs"], "wall_s": st["wall_s"],
-             "mean_s": st["wall_s"] / st["jobs"] if st["wall_s"] is not None else None,
-             "max_s": st["max_s"], "peak_mem_mb": st["peak_mem_mb"]}
-            for rule, st in stages(read_benchmarks(benchmarks)).items()]
-    return write_table(rows, out, "Runtime and peak memory per rule", "Snakemake benchmark files; — = not measured.")
+PARTIAL = "summary.partial.json"
 
 
-def r10_table(toy_json: Path, out: Path) -> Path:
-    """The R^10 Compact/Spread table, ours beside the paper's (method.md §4)."""
-    rows = read_r10(toy_json)["rows"]
-    notes = []
-    for setting in ("compact", "spread"):
-        r = {(x["source"], x["coupling"]): x for x in rows if x["setting"] == setting}
-        g, m = r.get(("gaussian", "independent")), r.get(("gmm", "mode"))
-        if g and m:
-            ours, paper = 1 - m["len"] / g["len"], 1 - m["paper_len"] / g["paper_len"]
-            notes.append(f"{setting}: Len of GMM/mode vs Gaussian/independent {-100 * ours:+.1f}% (paper {-100 * paper:+.1f}%)")
-    cols = ("setting", "source", "coupling", "len", "paper_len", "w2", "w2_floor", "paper_w2")
-    return write_table([{c: r[c] for c in cols} for r in rows], out, "R^10 toy: Len and W2² (ours vs paper)",
-                       "; ".join(notes) + ". w2_floor: W2² between two target samples of the same size.")
-
-
-def summary_table(summary: dict, out: Path) -> Path:
-    """One row per run of a :func:`summarize` result."""
-    cols = ("metric", "final", "steps", "steps_to_baseline_final", "steps_ratio", "nfe_for_target", "nfe_ratio",
-            "final_loss", "wall_s")
-    rows = [{"run": name, **{c: r.get(c) for c in cols}} for name, r in summary["runs"].items()]
-    paper = summary.get("paper") or PAPER
-    note = (f"Baseline {summary['baseline']}; step target fd ≤ {_fmt(summary.get('steps_target'))}, NFE target fd ≤ "
-            f"{_fmt(summary.get('nfe_target'))} (first evaluated point reaching it). Paper: "
-            f"{_fmt(paper['steps_ratio'])}× fewer training steps, {_fmt(paper['nfe_ratio'])}× fewer NFE.")
-    if summary.get("data"):
-        note += " " + images_line(summary["data"])
-    return write_table(rows, out, "Runs", note)
+def summarize_config(config: dict, root=".", *, strict: bool = True) -> tuple[dict, dict]:
+    """:func:`collect` the files of ``config`` and :func:`summarize` them; returns ``(summary, files)`` with
+    ``files["summary"]`` the file written: ``results_dir/summary.json``, or, when ``strict=False`` found
+    something missing, ``summary.partial.json`` beside it. The workflow's target (summary.json) is never
+    written from an incomplete folder: Snakemake would take it as done and never retry the failed jobs."""
+    files = collect(config, root)
+    floor = None
+    if files["floor_sizes"]:
+        try:
+            floor = fd_floor(files["shards"], files["floor_sizes"], files["floor_rows"])
+        except (OSError, ValueError):
+            if strict:
+                raise
+    exists = lambda p: p if p is not None and (strict or Path(p).exists()) else None  # noqa: E731
+    gmm = {k: exists(v) for k, v in files["gmm"].items()}
+    shards = [p for p in files["shards"] if exists(p)]
+    summary = summarize(files["runs"], baseline=files["baseline"], out=None,
+                        toy_r10=files["toy_r10"], benchmarks=exists(files["benchmarks"]),
+                        nfe_target=files["nfe_target"], shards=shards or None, gmm=gmm,
+                        fd_eval=files["fd_eval"], fd_floor=floor, strict=strict,
+                        absent=[p for p in [*files["shards"], *files["gmm"].values()] if not exists(p)])
+    files["summary"] = files["results"] / ("summary.json" if not summary["missing"] else PARTIAL)
+    io.write_json(files["summary"], summary)
+    return summary, files
 
 
 def images_line(data: dict) -> str:
@@ -344,86 +480,3 @@ def images_line(data: dict) -> str:
         named.append(f"{data['bad_images'] - len(named)} more in the shards' metadata and the encode logs")
     bad = f", {data['bad_images']} bad left out ({'; '.join(named)})" if data["bad_images"] else ", no bad images"
     return f"Images: {data['images']} encoded{bad}."
-
-
-# ------------------------------------------------------------------------------------------------ figures
-
-def _save(fig: Figure, out) -> Path:
-    out = Path(out)
-    with io.atomic_path(out) as tmp:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=150)
-    return out
-
-
-def _smooth(y: np.ndarray, w: int) -> np.ndarray:
-    c = np.concatenate([[0.0], np.cumsum(y)])
-    k = np.minimum(np.arange(1, len(y) + 1), w)
-    return (c[1:] - c[np.arange(1, len(y) + 1) - k]) / k
-
-
-def plot_training_curves(run_dirs: dict[str, Path], out: Path) -> Path:
-    """Loss (left) and Fréchet distance (right) over training steps, log y, one colour per run."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_loss, ax_fd = fig.subplots(1, 2)
-    for i, (name, run_dir) in enumerate(run_dirs.items()):
-        metrics = [r for r in read_metrics(Path(run_dir) / METRICS) if r["loss"] is not None and r["loss"] > 0]
-        steps, loss = np.array([r["step"] for r in metrics]), np.array([r["loss"] for r in metrics])
-        if len(loss) > 50:  # raw steps faint, a trailing mean over 2% of the run on top
-            ax_loss.plot(steps, loss, color=f"C{i}", alpha=0.2, lw=0.6)
-            loss = _smooth(loss, len(loss) // 50)
-        ax_loss.plot(steps, loss, color=f"C{i}", lw=1.4, label=name)
-        fd = read_curve(Path(run_dir) / FD_LOG)
-        ax_fd.plot([r["step"] for r in fd], [r["fd"] for r in fd], "o-", ms=3, color=f"C{i}", label=name)
-    ax_loss.set(yscale="log", xlabel="training step", ylabel="flow-matching loss", title="Training loss")
-    ax_fd.set(yscale="log", xlabel="training step", ylabel="Fréchet distance to the data ↓",
-              title="Fréchet distance of EMA samples")
-    for ax in (ax_loss, ax_fd):
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    return _save(fig, out)
-
-
-def plot_nfe_curves(curves: dict[str, Path], out: Path, target: float | None = None) -> Path:
-    """Fréchet distance against the number of function evaluations (log-log), one line per run."""
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    ticks = set()
-    for name, path in curves.items():
-        rows = _last_step(read_curve(path))
-        ticks.update(r["nfe"] for r in rows)
-        ax.plot([r["nfe"] for r in rows], [r["fd"] for r in rows], "o-", ms=4, label=name)
-    if target is not None:
-        ax.axhline(target, ls="--", color="gray", lw=1, label=f"target {target:.4g}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set(xlabel="NFE (Euler steps)", ylabel="Fréchet distance to the data ↓", title="Distance vs sampling steps")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    return _save(fig, out)
-
-
-def plot_gmm_weights(gmm: Path, out: Path) -> Path:
-    """The mixture weights of a GMM ``.safetensors`` (tensor ``weights (K)``), largest first."""
-    tensors, _ = io.open_tensors(gmm, ["weights"])
-    w = np.sort(np.asarray(tensors["weights"], dtype=np.float64).ravel())[::-1]
-    if w.size == 0 or not np.all(np.isfinite(w)) or w.min() < 0 or w.sum() <= 0:
-        raise ValueError(f"{gmm}: 'weights' must be finite, non-negative and not all zero")
-    w = w / w.sum()
-    k, nz = w.size, w[w > 0]
-    fig = Figure(figsize=(7, 4), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(1, k + 1)
-    if k <= 64:
-        ax.bar(x, w, width=0.8, color="C0")
-    else:
-        ax.plot(x, w, color="C0")
-        ax.fill_between(x, w, color="C0", alpha=0.3)
-    ax.axhline(1 / k, ls="--", color="gray", lw=1, label="uniform 1/K")
-    if nz.size == k and w[0] / w[-1] > 10:
-        ax.set_yscale("log")
-    ax.set(xlabel="component (sorted by weight)", ylabel="mixture weight",
-           title=f"{Path(gmm).name}: K = {k}, effective modes exp(H) = {math.exp(-np.sum(nz * np.log(nz))):.1f}")
-    ax.legend()
-    return _save(fig, out)

@@ -1,4 +1,4 @@
-"""Sampling (method.md §2.5, §3.6): source noise through the ODE, then the tokenizer's decoder.
+"""Sampling (docs/method.md §2.5, §3.6): source noise through the ODE, then the tokenizer's decoder.
 
 **Per-sample seeds.** Sample ``i`` of a set draws everything it needs (its mode from the mixture
 weights, or its class label, then its source noise) from its own CPU generator seeded by
@@ -8,7 +8,7 @@ computes which index and however they are batched: ``world_size`` processes take
 
 **Conditioning.** ``none``: the network sees ``(x, t)``; ``mode``: it also sees each sample's GMM
 mode as ``y`` (the mode the noise was drawn from, MM-FM §3.6); ``class``: labels drawn uniformly (or
-given) as ``y``. The ODE state and the source noise are float32 (method.md §6.10); the velocity is
+given) as ``y``. The ODE state and the source noise are float32 (docs/method.md §6.10); the velocity is
 whatever the caller passes (a DiTDH, an :class:`~mmfm.flow.guidance.Autoguidance` of two, a
 :class:`~mmfm.flow.guidance.ClassifierFreeGuidance`, a released network behind
 :class:`~mmfm.flow.path.RAEConvention`), always in the paper's convention (``t = 0`` source).
@@ -20,6 +20,7 @@ sets) and a PNG grid of the first images.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,20 +174,28 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | N
     return path
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, max_images: int = 64) -> Path:
-    """The first ``max_images`` of uint8 ``(n, H, W, 3)`` as a square-ish PNG grid."""
+def save_grid(path: str | os.PathLike, images: np.ndarray, max_images: int = 64, min_cell: int = 64) -> Path:
+    """The first ``max_images`` of uint8 ``(n, H, W, 3)`` as a square-ish PNG grid with 2-px white gutters.
+
+    Images smaller than ``min_cell`` px are enlarged by the integer nearest-neighbour factor
+    ``f = ceil(min_cell / max(H, W))`` (8 x 8 digits -> 64 x 64 cells), the gutters with them (``2 f`` px);
+    larger images are tiled as they are."""
     from PIL import Image
 
     imgs = images[:max_images]
     if not len(imgs):
         raise ValueError("images: nothing to put in a grid")
+    h, w = imgs.shape[1:3]
+    f = math.ceil(min_cell / max(h, w)) if max(h, w) < min_cell else 1
+    if f > 1:
+        imgs = imgs.repeat(f, axis=1).repeat(f, axis=2)
     cols = int(np.ceil(np.sqrt(len(imgs))))
     rows = -(-len(imgs) // cols)
-    h, w = imgs.shape[1:3]
-    canvas = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), 255, np.uint8)
+    h, w, g = h * f, w * f, 2 * f
+    canvas = np.full((rows * (h + g) + g, cols * (w + g) + g, 3), 255, np.uint8)
     for i, im in enumerate(imgs):
         r, c = divmod(i, cols)
-        canvas[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + c * (w + 2):2 + c * (w + 2) + w] = im
+        canvas[g + r * (h + g):g + r * (h + g) + h, g + c * (w + g):g + c * (w + g) + w] = im
     path = Path(path)
     with atomic_path(path) as tmp:
         Image.fromarray(canvas).save(tmp, format="PNG")

@@ -25,7 +25,7 @@ def test_shift_factor_is_sqrt_of_dimension_ratio():
 @pytest.mark.parametrize("t, expected", [(0.1, 0.435), (0.25, 0.698), (0.5, 0.87387), (0.75, 0.954),
                                          (0.9, 0.984), (0.999, 0.99986)])
 def test_shift_values_in_rae_convention(t, expected):
-    # method.md §2.3 / §8: 0.5 -> 0.87387 for s = sqrt(48), and the other tabulated values
+    # docs/method.md §2.3 / §8: 0.5 -> 0.87387 for s = sqrt(48), and the other tabulated values
     got = float(shift_time_rae(torch.tensor(t, dtype=torch.float64), S48))
     assert got == pytest.approx(expected, abs=10 ** -(len(str(expected)) - 2) / 2)
 
@@ -60,7 +60,7 @@ def test_time_grid_endpoints_and_monotone():
 
 
 def test_rae_sampler_quantiles_match_method_md():
-    # method.md §2.3: shifted logit-normal quantiles in RAE's convention 5/25/50/75/95 %
+    # docs/method.md §2.3: shifted logit-normal quantiles in RAE's convention 5/25/50/75/95 %
     # -> 0.572, 0.779, 0.874, 0.932, 0.973; ours is the mirror image
     sampler = TimeSampler.rae(768 * 256)
     q = sampler.quantile(torch.tensor([0.95, 0.75, 0.5, 0.25, 0.05]))

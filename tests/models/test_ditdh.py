@@ -11,7 +11,7 @@ def meta(preset, **kw):
 
 
 @pytest.mark.parametrize("preset, with_classes, with_modes", [
-    # method.md §2.1: (1000 classes + null) / (8192 modes, no null)
+    # docs/method.md §2.1: (1000 classes + null) / (8192 modes, no null)
     ("ditdh-s", 196_46, 199_22), ("ditdh-b", 294_30, 299_82), ("ditdh-l", 621_74, 629_11),
     ("ditdh-xl", 838_68, 846_96),
 ])
@@ -72,7 +72,7 @@ def test_state_dict_names_and_shapes_match_the_release():
     s = meta("ditdh-s", conditioning="mode", num_classes=8192)
     assert {k: tuple(v.shape) for k, v in s.state_dict().items()} == release_state_dict_shapes(
         d_e=384, depth=12, heads=6, table_rows=8192)
-    assert int(2 / 3 * 4 * 1152) == 3072  # SwiGLU width of XL (method.md)
+    assert int(2 / 3 * 4 * 1152) == 3072  # SwiGLU width of XL (docs/method.md)
 
 
 def test_state_dict_round_trip_is_strict_and_exact():

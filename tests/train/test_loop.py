@@ -143,7 +143,7 @@ def test_resume_in_process_is_bit_identical(toy, tmp_path):
 
 
 def test_adaptive_weighting_trains_and_resumes_bit_identically(toy, tmp_path):
-    """method.md §3.7 in the loop: ones during warm-up, then a different objective; the table is in the
+    """docs/method.md §3.7 in the loop: ones during warm-up, then a different objective; the table is in the
     checkpoint, so a resumed run is bit-identical."""
     root, _ = toy
     cfg = config(root, "mode", steps=12, checkpoint_every=4, adaptive_weighting=True, adaptive_warmup_steps=3,
@@ -485,7 +485,8 @@ def test_fd_over_training_is_logged_and_does_not_change_the_weights(toy, tmp_pat
     # the same curves in TensorBoard, read back with its own event reader
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    assert list((tmp_path / "b").glob("events.out.tfevents.*"))  # in the run folder: TensorBoard names the run "b"
+    events = EventAccumulator(str(tmp_path / "b"))
     events.Reload()
     fd = [(e.step, e.value) for e in events.Scalars("eval/frechet_distance")]
     assert fd == [(r["step"], pytest.approx(r["fd"], rel=1e-5)) for r in rows]  # csv: 6 digits

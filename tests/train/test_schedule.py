@@ -21,7 +21,7 @@ def test_release_defaults_are_the_mm_fm_xl_config_of_method_2_4():
         0: 4e-4, 1: 4e-4, 24_999: 4e-4, 25_019: 4e-4,         # the 25k checkpoint: entirely at 4e-4
         25_020: 2e-4, 50_039: 2e-4, 50_040: 2e-4,            # constant until decay_start_epoch 40
         50_041: 2e-4 - 1.8e-4 / 950_760,                     # one step of decay
-        100_000: 2e-4 - 1.8e-4 * 49_960 / 950_760,           # ≈ 1.905e-4 (method.md §2.4)
+        100_000: 2e-4 - 1.8e-4 * 49_960 / 950_760,           # ≈ 1.905e-4 (docs/method.md §2.4)
         525_420: 1.1e-4,                                     # halfway between epochs 40 and 800
         1_000_799: 2e-5 + 1.8e-4 / 950_760,
         1_000_800: 2e-5, 5_000_000: 2e-5,

@@ -1,4 +1,4 @@
-"""Adaptive per-mode loss weighting (method.md §3.7): warm-up, EMA, focal table, state, and training."""
+"""Adaptive per-mode loss weighting (docs/method.md §3.7): warm-up, EMA, focal table, state, and training."""
 
 import json
 

@@ -1,4 +1,4 @@
-# Paths and helpers shared by the rules. Every output lives under results_dir (default results/; design.md §3):
+# Paths and helpers shared by the rules. Every output lives under results_dir (default results/; docs/design.md §3):
 #   results/digits/                      the demo's image folder
 #   results/shards/shard-XXXX.parquet    latent shards
 #   results/gmm/cls.safetensors          CLS GMM (+ .json, _weights.png)
@@ -132,31 +132,25 @@ def evaluate_inputs(wildcards):
 
 
 def report_outputs():
+    """summary.json, the results page (index.html; report/page.html is the same page with its images inlined,
+    for `snakemake --report`) and its figures (mmfm.page)."""
+    fig = lambda name, caption, category: report(  # noqa: E731
+        f"{RESULTS}/report/{name}", caption=f"../report/{caption}", category=category
+    )
     out = {
         "summary": f"{RESULTS}/summary.json",
-        "table": report(f"{RESULTS}/report/summary.html", caption="../report/summary.rst", category="0. Summary"),
-        "training": report(
-            f"{RESULTS}/report/training_curves.png",
-            caption="../report/training_curves.rst",
-            category="2. Training",
-        ),
-        "nfe": report(
-            f"{RESULTS}/report/nfe_curves.png", caption="../report/nfe_curves.rst", category="3. Sampling steps"
-        ),
-        "benchmarks": report(
-            f"{RESULTS}/report/benchmarks.html",
-            caption="../report/benchmarks.rst",
-            category="6. Runtime and memory",
-        ),
+        "page": f"{RESULTS}/index.html",
+        "inline": fig("page.html", "page.rst", "0. Results page"),
+        "loss": fig("loss.png", "loss.rst", "2. Training"),
+        "fd_nfe": fig("fd_nfe.png", "fd_nfe.rst", "3. Sampling steps"),
+        "data": fig("data.png", "data.rst", "4. Samples"),
     }
+    if any(mc.train_settings(config, r).get("eval_every") for r in mc.evaluated_runs(config)):
+        out["fd_training"] = fig("fd_training.png", "fd_training.rst", "2. Training")
     if mc.any_gmm(config):
-        out["gmm_weights"] = report(
-            f"{RESULTS}/report/gmm_weights.png", caption="../report/gmm_weights.rst", category="1. GMM source"
-        )
-    if config["toy_r10"]["enabled"]:
-        out["r10_table"] = report(
-            f"{RESULTS}/report/r10_table.html", caption="../report/r10_table.rst", category="5. R^10 toy"
-        )
+        out["em"] = fig("gmm_loglik.png", "gmm_loglik.rst", "1. GMM source")
+        out["weights"] = fig("gmm_weights.png", "gmm_weights.rst", "1. GMM source")
+        out["mode_means"] = fig("mode_means.png", "mode_means.rst", "1. GMM source")
     return out
 
 
@@ -166,11 +160,13 @@ def report_inputs():
         "models": [ema_file(r) for r in runs],
         "curves": expand(f"{RESULTS}/eval/{{run}}/nfe_curve.csv", run=runs),
         "finals": expand(f"{RESULTS}/eval/{{run}}/final.json", run=runs),
-        "samples": expand(f"{RESULTS}/samples/{{run}}/nfe-{mc.final_nfe(config)}.npz", run=runs),
-        "shards": shard_files(),  # their metadata: images encoded and bad images (summary.json "data")
+        "grids": expand(f"{RESULTS}/samples/{{run}}/nfe-{{nfe}}.png", run=runs, nfe=mc.nfes(config)),
+        "shards": shard_files(),  # their metadata (images, bad images), the data grid and the distance's floor
     }
     if mc.any_gmm(config):
         out["gmm"] = SPATIAL_GMM
+        out["cls_gmm"] = CLS_GMM
     if config["toy_r10"]["enabled"]:
         out["toy"] = f"{RESULTS}/toy_r10/r10.json"
+        out["toy_plot"] = f"{RESULTS}/toy_r10/r10.png"
     return out

@@ -1,4 +1,4 @@
-# Stage 2: the Gaussian-mixture source (method.md §3.2-3.3).
+# Stage 2: the Gaussian-mixture source (docs/method.md §3.2-3.3).
 #   fit_cls_gmm:   a diagonal K-mode GMM on the CLS descriptors of all shards (EM on numpy, or CuPy/cuML on GPU);
 #                  gmm.rows: originals leaves out the stored mirrors (the release fitted on the images alone)
 #   spatial_stats: per group of shards (spatial.groups contiguous ranges; default one per shard), each row's

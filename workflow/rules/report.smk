@@ -1,7 +1,8 @@
-# Stage 6: the report across runs (mmfm.report): results/summary.json, a table of the runs, the loss
-# and distance curves over training, the distance over NFE, the GMM weights, the R^10 table beside the
-# paper's and each rule's runtime and memory. `snakemake --report results/report.html` collects these
-# with the sample grids into one HTML page.
+# Stage 6: the report across runs: results/summary.json (mmfm.report: every number, one file) and the results
+# page results/index.html (mmfm.page: the runs table beside the paper's, the curves, every run's samples side
+# by side beside the data, the GMM, the R^10 table, the data, every job's time and memory, links to every
+# artifact). It decodes the data and mode-mean grids with the config's tokenizer on the job's device.
+# `mmfm report` builds the same page from whatever exists; `snakemake --report` includes it.
 
 
 rule report:
@@ -11,10 +12,12 @@ rule report:
         **report_outputs(),
     params:
         report=config["report"],
-        runs=mc.evaluated_runs(config),
-        baseline=mc.baseline(config),
-        metric=config["eval"]["metric"],
-        final_nfe=mc.final_nfe(config),
+        runs=config["runs"],
+        train=config["train"],
+        sample=config["sample"],
+        eval=config["eval"],
+        encoder=config["encoder"],
+        decoder=config["decoder"],
         benchmarks=BENCH,
     log:
         f"{LOGS}/report.log",

@@ -1,4 +1,4 @@
-# The paper's R^10 experiment (method.md §4): Compact and Spread targets; Gaussian/independent,
+# The paper's R^10 experiment (docs/method.md §4): Compact and Spread targets; Gaussian/independent,
 # GMM/independent and GMM/mode flows; path length Len and W2^2 beside the paper's table.
 
 

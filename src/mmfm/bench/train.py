@@ -17,7 +17,7 @@ exact string ``torch.cuda.get_device_name`` returns (compared after trimming whi
 substring, so an H100 SXM is not taken for an H100 PCIe and a MIG slice is not taken for the whole
 GPU). ``mfu`` is ``null`` on the CPU and on a device the table lacks; for the latter a one-line
 notice naming the device goes to stderr, once per name. The release trains DiTDH-XL at about
-42 images/s per A100 (method.md §5: 25k steps in 21 h on 8 GPUs), reported as
+42 images/s per A100 (docs/method.md §5: 25k steps in 21 h on 8 GPUs), reported as
 ``release_a100_samples_per_s`` for comparison.
 """
 

@@ -4,7 +4,7 @@ Images are read in the folder's deterministic order (:func:`~mmfm.data.images.li
 shard's contiguous part of it (:func:`~mmfm.data.images.shard_range`) is decoded and ADM-cropped by
 DataLoader workers, batched, encoded (in the tokenizer's precision), optionally normalized
 (:mod:`mmfm.encoders.normalization`), and streamed into a Parquet shard row group by row group
-(design.md §4), under a temporary name renamed into place when complete.
+(docs/design.md §4), under a temporary name renamed into place when complete.
 
 **Bad images** (unreadable, truncated, zero-byte, not an image, a file without a supported extension
 (:data:`mmfm.data.images.EXTENSIONS`), short side below ``min_side``, or a latent that is not finite:
@@ -15,13 +15,13 @@ shard metadata (``bad_images``: ``count``, every ``paths``, and, when there are 
 reason, and nothing is written. A non-finite latent never reaches a shard.
 
 **Flips.** With ``flip`` each image also gives a row for its horizontal mirror (``flip = true``),
-right after the unflipped row, so that later stages can use method.md §3.3's flip without decoding
+right after the unflipped row, so that later stages can use docs/method.md §3.3's flip without decoding
 images again.
 
 **Precision.** The tokenizer runs in its own precision (``encoder.precision``: fp32, or bf16 autocast
 for a transformers encoder, recorded in the shard metadata as ``precision``); its float32 outputs are
 normalized in float32 and only then rounded to the storage ``dtype``: fp32 encoding stored as float16
-is the release's recipe (its training encodes in fp32, method.md §3.4; float16 halves the shards).
+is the release's recipe (its training encodes in fp32, docs/method.md §3.4; float16 halves the shards).
 
 **Reruns.** A shard whose file exists and records the same settings (encoder, revision, precision,
 crop, normalization, dtype, the shard's images) is not redone.

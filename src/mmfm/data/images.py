@@ -1,4 +1,4 @@
-"""Image folders and ADM preprocessing (method.md §1.2).
+"""Image folders and ADM preprocessing (docs/method.md §1.2).
 
 - :func:`to_rgb`: any PIL image as 8-bit RGB. Grayscale, palette, RGBA (alpha dropped, as
   torchvision's loader does), CMYK, and 16/32-bit integer images (rescaled to 8 bits, where PIL's

@@ -1,4 +1,4 @@
-"""Parquet latent shards (design.md §4): one file per shard, read back zero-copy in row-group order.
+"""Parquet latent shards (docs/design.md §4): one file per shard, read back zero-copy in row-group order.
 
 Columns: ``image_id`` int64, ``label`` int32, ``path`` string, ``flip`` bool, ``cls`` fixed-size list
 of float32 (``Dc``), and ``tokens``: ``N * D`` float16/float32 values per row, token-major (token

@@ -1,4 +1,4 @@
-"""Frozen Hugging Face encoders as tokenizers: ``dinov2`` (with registers), ``siglip2``, ``mae`` (method.md §1.1-1.2).
+"""Frozen Hugging Face encoders as tokenizers: ``dinov2`` (with registers), ``siglip2``, ``mae`` (docs/method.md §1.1-1.2).
 
 ``encode`` follows RAE's ``RAE.encode`` steps 1-3 on images ``(B, 3, S, S)`` in ``[0, 1]``:
 

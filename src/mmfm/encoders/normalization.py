@@ -1,4 +1,4 @@
-"""Latent normalization (method.md §1.3): per-position, per-channel statistics of the token grid.
+"""Latent normalization (docs/method.md §1.3): per-position, per-channel statistics of the token grid.
 
 ``z' = (z - mean) / sqrt(var + eps)`` and back ``z = z' sqrt(var + eps) + mean``, with ``mean`` and
 ``var`` of shape ``(N, D)`` (token ``i``, channel ``d``; RAE stores them ``(D, H, W)``) and

@@ -1,4 +1,4 @@
-"""The ``pixels`` tokenizer: the offline default (design.md §7).
+"""The ``pixels`` tokenizer: the offline default (docs/design.md §7).
 
 An image ``(C, H, W)`` in ``[0, 1]`` is normalized per channel, ``x' = (x - m_c) / s_c``, and cut
 into non-overlapping ``p x p`` patches: ``N = (H/p)(W/p)`` tokens, row-major over the grid, each of

@@ -1,4 +1,4 @@
-"""The RAE ViT-XL pixel decoder ("GeneralDecoder", method.md §1.4).
+"""The RAE ViT-XL pixel decoder ("GeneralDecoder", docs/method.md §1.4).
 
 Tokens ``z (B, N, D)``, ``N = g^2`` on a ``g x g`` grid, become an image ``(B, C, g p, g p)``:
 

@@ -10,7 +10,7 @@ noise however many ranks share it; minibatch OT solves within each rank's rows. 
 the Gaussian noise (:func:`mmfm.flow.sources.row_noise`), so a rank draws only its own rows' noise.
 
 - :class:`IndependentCoupling` -- ``x0 ~ p`` ignoring ``x1`` (for a mixture, ``k ~ pi``).
-- :class:`ModeCoupling` -- MM-FM (method.md §3.4): ``k ~ r(. | c(x1))`` from the posterior of a
+- :class:`ModeCoupling` -- MM-FM (docs/method.md §3.4): ``k ~ r(. | c(x1))`` from the posterior of a
   per-sample descriptor ``c`` (the CLS token) under a descriptor mixture, or its argmax; then
   ``x0 ~ N(mu_k, Sigma_k)``. The coupling is ``pi(x0 | x1) = sum_k r_k(c(x1)) N(x0; mu_k, Sigma_k)``.
 - :class:`MinibatchOTCoupling` -- exact optimal assignment within the batch (POT), the peer baseline.

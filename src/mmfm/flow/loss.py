@@ -19,7 +19,7 @@ def velocity_loss(
         v_pred: ``(B, ...)`` predicted velocity.
         target: ``(B, ...)`` target velocity, ``x1 - x0`` for the linear path.
         weights: optional ``(B,)`` per-sample weights (e.g. the per-mode adaptive weights of the
-            release, method.md §3.7); the batch loss is ``mean_i(w_i l_i)``, not renormalized.
+            release, docs/method.md §3.7); the batch loss is ``mean_i(w_i l_i)``, not renormalized.
         reduction: ``"mean"`` (a scalar) or ``"none"`` (the ``(B,)`` weighted per-sample losses).
 
     The squared error is computed in float32 even when ``v_pred`` comes out of bf16 autocast.

@@ -3,7 +3,7 @@
 Fixed-grid Euler (order 1), Heun and midpoint (order 2); adaptive Dormand-Prince (``dopri5``) through
 torchdiffeq. The velocity is any callable ``v(x, t)`` with ``x`` of shape ``(B, ...)`` and ``t`` of
 shape ``(B,)`` (bind conditioning with a closure or use :mod:`mmfm.flow.guidance`). The state keeps
-``x0``'s dtype -- pass float32 (design.md §2) -- and each velocity is cast to it.
+``x0``'s dtype -- pass float32 (docs/design.md §2) -- and each velocity is cast to it.
 """
 
 from __future__ import annotations

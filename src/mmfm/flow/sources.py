@@ -2,7 +2,7 @@
 
 A source has an event shape (``(D,)`` for vectors, ``(N, D)`` for token latents, any shape in general)
 and ``sample(n, modes=None, generator=None) -> (x0, modes)``. Samples are drawn in float32 whatever
-the dtype of the stored parameters (design.md §2: the source noise and the ODE state are fp32).
+the dtype of the stored parameters (docs/design.md §2: the source noise and the ODE state are fp32).
 
 ``share=(i, m)`` (training under ``torch.distributed``): draw as if for ``m * n`` rows and keep rows
 ``[i n, (i + 1) n)``. Every rank then holds its part of one global draw, so what row ``j`` of the global

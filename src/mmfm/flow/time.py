@@ -1,10 +1,10 @@
 """Time in the paper's convention, its training distributions, the dimension shift and sampling grids.
 
-Convention (design.md §2): ``t = 0`` is the source (noise / GMM), ``t = 1`` is data. The RAE / MM-FM
+Convention (docs/design.md §2): ``t = 0`` is the source (noise / GMM), ``t = 1`` is data. The RAE / MM-FM
 release uses ``t_rae = 1 - t``; everything here is in the paper's convention and the functions named
 ``*_rae`` exist only to state the correspondence (and to test it).
 
-Shift (method.md §2.3, §6.2). With ``s = sqrt(dim / base)`` (``sqrt(196608 / 4096) = sqrt(48)`` for
+Shift (docs/method.md §2.3, §6.2). With ``s = sqrt(dim / base)`` (``sqrt(196608 / 4096) = sqrt(48)`` for
 DINOv2-B latents), RAE maps its times by ``t' = s t / (1 + (s - 1) t)``, pushing them toward noise.
 In the paper's convention (``tau = 1 - t``) the same map is ``tau' = tau / (s - (s - 1) tau)``.
 It is applied to the training times *and* to the sampling grid.
@@ -21,7 +21,7 @@ from mmfm import _checks
 
 #: The SD-VAE latent size 32 * 32 * 4 that RAE's shift is relative to.
 SHIFT_BASE_DIM = 4096
-#: RAE trains on ``t_rae`` in ``[0, 1 - 1/1000]``, i.e. ``t`` in ``[0.001, 1]`` here (method.md §6.3).
+#: RAE trains on ``t_rae`` in ``[0, 1 - 1/1000]``, i.e. ``t`` in ``[0.001, 1]`` here (docs/method.md §6.3).
 RAE_TIME_INTERVAL = (1e-3, 1.0)
 
 
@@ -139,7 +139,7 @@ def time_grid(
 
 
 def rae_time_grid(num_points: int = 50, dim: int = 768 * 256, base: int = SHIFT_BASE_DIM, **kw) -> torch.Tensor:
-    """RAE's ODE grid (method.md §2.5) in the paper's convention.
+    """RAE's ODE grid (docs/method.md §2.5) in the paper's convention.
 
     RAE integrates ``torchdiffeq.odeint`` over ``shift_rae(1 - linspace(0, 0.999, num_points))``: with
     50 points, 49 Euler steps from ``t_rae = 1`` to ``0.006887``. Here that is

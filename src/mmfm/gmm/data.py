@@ -60,7 +60,7 @@ class ParquetRows:
 
     ``rows="originals"`` keeps only the rows whose ``flip`` column is false, i.e. leaves out the
     mirrors that ``shards.flip`` stores after each image (the release fitted its CLS mixture on
-    the images alone, method.md §3.2); the filter reads ``flip`` beside the column, never the tokens.
+    the images alone, docs/method.md §3.2); the filter reads ``flip`` beside the column, never the tokens.
     """
 
     def __init__(self, spec, column: str = "cls", rows: str = "all"):

@@ -1,4 +1,4 @@
-"""Diagonal-covariance EM for the CLS Gaussian mixture (method.md §3.2), written once over an array
+"""Diagonal-covariance EM for the CLS Gaussian mixture (docs/method.md §3.2), written once over an array
 module: numpy on CPU, CuPy on GPU.
 
 Model: ``p(x) = sum_k pi_k N(x; mu_k, diag(sigma_k^2))`` over ``x in R^D``.

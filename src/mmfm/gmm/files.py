@@ -1,4 +1,4 @@
-"""GMM files (design.md §4): safetensors tensors + a JSON sidecar; no pickle.
+"""GMM files (docs/design.md §4): safetensors tensors + a JSON sidecar; no pickle.
 
 - CLS GMM ``x.safetensors``: ``weights (K)``, ``means (K, Dc)``, ``variances (K, Dc)``, float64 (as
   fitted; 50 MB at 8192 x 768); sidecar ``x.json`` with the fit settings, the log-likelihood per

@@ -78,7 +78,7 @@ def fit_cls_gmm(
 
     ``rows``: ``"all"`` rows of the shards, or ``"originals"`` only, leaving out the horizontal mirrors
     that ``shards.flip`` stores (``flip`` column true): the release fitted on the images alone, with no
-    flip (method.md §3.2). With stored mirrors, ``"all"`` fits on 2N rows of which N are mirrors."""
+    flip (docs/method.md §3.2). With stored mirrors, ``"all"`` fits on 2N rows of which N are mirrors."""
     if init not in METHODS:
         raise ValueError(f"init: expected one of {list(METHODS)}, got {init!r}")
     out = Path(out)

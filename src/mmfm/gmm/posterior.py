@@ -3,7 +3,7 @@
 The log-joint is the GEMM form of :class:`~mmfm.flow.sources.GaussianMixtureSource` (centred on
 ``sum_k pi_k mu_k``, float32-safe); here it is applied in row blocks so that a batch of any size
 costs one ``rows x K`` block of memory. Training draws modes with ``source.assign(c, soft=True)``
-(method.md §3.4); the spatial stage uses :func:`hard_labels`, the argmax that scikit-learn's
+(docs/method.md §3.4); the spatial stage uses :func:`hard_labels`, the argmax that scikit-learn's
 ``predict`` returns.
 """
 

@@ -1,4 +1,4 @@
-"""Import the released scikit-learn pickles (method.md §3.2-3.3) into our safetensors files.
+"""Import the released scikit-learn pickles (docs/method.md §3.2-3.3) into our safetensors files.
 
 This is the one place that unpickles, and only when asked: unpickling runs code from the file, so
 :func:`import_released` refuses without ``allow_pickle=True`` and says so when it proceeds. Even

@@ -1,4 +1,4 @@
-"""Per-mode spatial statistics as map-reduce (method.md §3.3).
+"""Per-mode spatial statistics as map-reduce (docs/method.md §3.3).
 
 **Map** (:func:`spatial_stats`, one job per *group* of shards): ``spatial.groups`` contiguous ranges
 of the shards (:func:`mmfm.config.shard_groups`; the default, one group per shard, is one job per shard). Every
@@ -17,7 +17,7 @@ formed first, which is exactly mirror-symmetric, so every mean is too.
 (``shards.flip``) each mirror row is one more sample, in the mode of *its own* CLS descriptor.
 ``"originals"`` skips the stored mirrors (``flip`` column true; :func:`mmfm.data.shards.iter_columns`
 filters on that column) and, with ``flip``, adds each original's latent flip into the original's
-mode: the release's statistics (method.md §3.3), which encoded the images without mirrors. For
+mode: the release's statistics (docs/method.md §3.3), which encoded the images without mirrors. For
 original rows ``i`` with hard assignment ``r_ik`` (1 if ``k_i = k``, else 0) and ``flip``::
 
     n_k = 2 sum_i r_ik,   S_k = sum_i r_ik (x_i + flip(x_i)),   Q_k = sum_i r_ik (||x_i||^2 + ||flip(x_i)||^2)

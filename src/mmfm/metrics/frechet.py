@@ -1,4 +1,4 @@
-"""Fréchet distances between feature sets, and reference statistics files (method.md §2.7).
+"""Fréchet distances between feature sets, and reference statistics files (docs/method.md §2.7).
 
 - :class:`FeatureStats`: the running mean ``mu (D,)`` and unbiased covariance ``sigma (D, D)`` of
   feature rows, accumulated in float64 batch by batch (and mergeable exactly across workers).

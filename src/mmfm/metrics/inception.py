@@ -1,4 +1,4 @@
-"""FID with pytorch-fid's Inception network (method.md §2.7), never downloading anything.
+"""FID with pytorch-fid's Inception network (docs/method.md §2.7), never downloading anything.
 
 The network is pytorch-fid's ``InceptionV3`` with the pool-3 block (2048 features): its
 ``FIDInceptionA/C/E_1/E_2`` modules and its ``forward`` (bilinear resize to 299 x 299, ``2x - 1`` to

@@ -1,4 +1,4 @@
-"""DiT with the DDT head ("DiTDH", RAE; method.md §2.1), in token layout.
+"""DiT with the DDT head ("DiTDH", RAE; docs/method.md §2.1), in token layout.
 
 Input and output are token sequences ``(B, N, C)`` over a square ``sqrt(N) x sqrt(N)`` grid (row-major);
 ``t`` is ``(B,)`` and ``y`` ``(B,)`` integers for class / mode conditioning. Two streams:
@@ -154,7 +154,7 @@ class DiTDH(nn.Module):
         return emb.num_classes if emb is not None and emb.dropout_prob > 0 else None
 
     def initialize_weights(self) -> None:
-        """The release's initialization (method.md §2.1): Xavier patch embeds with zero bias, N(0, 0.02)
+        """The release's initialization (docs/method.md §2.1): Xavier patch embeds with zero bias, N(0, 0.02)
         time-MLP and label table, sin-cos positions, zero adaLN and output layers; other Linear layers
         keep PyTorch's default."""
         for emb in (self.x_embedder, self.s_embedder):

@@ -1,4 +1,4 @@
-"""Layers of DiTDH (method.md §2.1), with the module and parameter names of the RAE release.
+"""Layers of DiTDH (docs/method.md §2.1), with the module and parameter names of the RAE release.
 
 Recorded facts about the release (read in the public RAE / MM-FM code; no code copied):
 

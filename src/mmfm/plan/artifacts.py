@@ -449,7 +449,7 @@ def train_files(config: dict, run: str, geo: Geometry, world: int, data: Dataset
     out.append(File(f"{folder}/metrics.csv", len("step,loss,lr,grad_norm,samples_per_s,mfu\r\n") + logged * len(row),
                     1, "estimate"))
     if cfg.tensorboard:
-        out.append(File(f"{folder}/tensorboard/events.*", logged * 5 * tensorboard_event_bytes(), 1, "estimate"))
+        out.append(File(f"{folder}/events.out.tfevents.*", logged * 5 * tensorboard_event_bytes(), 1, "estimate"))
     if cfg.eval_every:
         evals = step // cfg.eval_every + (1 if step % cfg.eval_every else 0)
         out.append(File(f"{folder}/fd.csv", len("step,nfe,fd\r\n") + evals * len(f"{step},{cfg.eval_steps},"
@@ -527,17 +527,23 @@ def sample_files(config: dict, run: str, nfe: int, geo: Geometry, world: int) ->
                 "conditioning": config["runs"][run]["conditioning"]}
     arrays["meta"] = ((), f"<U{len(json.dumps(settings, sort_keys=True))}")
     folder = f"results/samples/{run}"
-    cols = math.ceil(math.sqrt(min(64, n)))
-    rows = -(-min(64, n) // cols)
-    grid = (rows * (side + 2) + 2) * (cols * (side + 2) + 2) * 3
     out = [File(f"{folder}/nfe-{nfe}.npz", npz_bytes(arrays), 1, "exact"),
-           File(f"{folder}/nfe-{nfe}.png", grid, 1, "bound")]
+           File(f"{folder}/nfe-{nfe}.png", grid_bytes(min(64, n), side), 1, "bound")]
     if world > 1:
         share = -(-n // world)
         out.append(File(f"{folder}/nfe-{nfe}.npz.partR-of-{world}.npz",
                         npz_bytes({"index": ((share,), np.int64), "images": ((share, side, side, 3), np.uint8)}),
                         world, "exact", transient=True))
     return out
+
+
+def grid_bytes(count: int, side: int, min_cell: int = 64) -> int:
+    """The raw pixels of :func:`mmfm.sample.save_grid`'s PNG of ``count`` images of ``side`` px (a bound of the
+    file): images below ``min_cell`` px are enlarged by ``ceil(min_cell / side)``, gutters of 2 px with them."""
+    f = math.ceil(min_cell / side) if side < min_cell else 1
+    cols = math.ceil(math.sqrt(count))
+    rows = -(-count // cols)
+    return (rows * (side + 2) * f + 2 * f) * (cols * (side + 2) * f + 2 * f) * 3
 
 
 def image_side(config: dict, geo: Geometry) -> int:
@@ -559,20 +565,31 @@ def evaluate_files(config: dict, run: str) -> list[File]:
 
 
 #: Allowances for the report and the toy (figures and tables of a few hundred kB; not sized from data).
-REPORT_ALLOWANCE = {"summary.json": 20_000, "summary.html": 50_000, "training_curves.png": 150_000,
-                    "nfe_curves.png": 100_000, "benchmarks.html": 100_000, "gmm_weights.png": 100_000,
-                    "r10_table.html": 20_000}
+REPORT_ALLOWANCE = {"summary.json": 50_000, "index.html": 200_000, "loss.png": 150_000, "fd_nfe.png": 100_000,
+                    "fd_training.png": 150_000, "gmm_loglik.png": 100_000, "gmm_weights.png": 150_000}
 TOY_ALLOWANCE = {"r10.json": 10_000, "r10.csv": 2_000, "r10.png": 150_000}
 
 
-def report_files(config: dict) -> list[File]:
-    names = ["summary.json", "summary.html", "training_curves.png", "nfe_curves.png", "benchmarks.html"]
+def report_files(config: dict, geo: Geometry) -> list[File]:
+    """summary.json, the results page and its figures (allowances); the decoded data and mode-mean grids (bound:
+    raw pixels, :func:`grid_bytes`), and ``report/page.html``, the page with every image inlined (base64: 4/3 of
+    the figures, the grids and every run's sample grid)."""
+    names = ["summary.json", "index.html", "loss.png", "fd_nfe.png"]
+    if any(mc.train_settings(config, r).get("eval_every") for r in mc.evaluated_runs(config)):
+        names.append("fd_training.png")
+    grids = ["data.png"]
     if mc.any_gmm(config):
-        names.append("gmm_weights.png")
-    if config["toy_r10"]["enabled"]:
-        names.append("r10_table.html")
-    return [File(f"results/{'report/' if n != 'summary.json' else ''}{n}", REPORT_ALLOWANCE[n], 1, "estimate")
-            for n in names]
+        names += ["gmm_loglik.png", "gmm_weights.png"]
+        grids.append("mode_means.png")
+    side = image_side(config, geo)
+    out = [File(f"results/{'report/' if n not in ('summary.json', 'index.html') else ''}{n}", REPORT_ALLOWANCE[n], 1,
+                "estimate") for n in names]
+    out += [File(f"results/report/{g}", grid_bytes(64, side), 1, "bound") for g in grids]
+    samples = sum(grid_bytes(min(64, int(mc.sample_settings(config, r)["n"])), side)
+                  for r in mc.evaluated_runs(config) for _ in mc.nfes(config))
+    inlined = sum(f.total for f in out if f.path != "results/summary.json") + samples
+    out.append(File("results/report/page.html", inlined * 4 // 3, 1, "bound"))
+    return out
 
 
 def toy_files() -> list[File]:

@@ -563,7 +563,7 @@ class _Context:
         _check_host(rp, "toy_r10", rp.host_memory_bytes, js[0].resources)
 
     def rule_report(self, rp: RulePlan, js) -> None:
-        rp.files = art.report_files(self.config)
+        rp.files = art.report_files(self.config, self.geo)
         rp.host_memory_bytes = host.small("report")
         _check_host(rp, "report", rp.host_memory_bytes, js[0].resources)
 

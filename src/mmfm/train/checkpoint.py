@@ -1,4 +1,4 @@
-"""Training checkpoints for bit-identical resume: atomic, safetensors + JSON, no pickle (design.md §4).
+"""Training checkpoints for bit-identical resume: atomic, safetensors + JSON, no pickle (docs/design.md §4).
 
 Layout of a run directory::
 
@@ -30,7 +30,7 @@ A checkpoint that is damaged in a way the sizes do not show (a header, a missing
 :class:`mmfm.recover.CorruptArtifact` naming the file and how to go on: remove that checkpoint, and the run
 resumes from the previous complete one (or starts afresh). :func:`verify_checkpoint` checks one whole.
 
-Unlike the release (method.md §2.8), the optimizer state is restored before the first step, so the
+Unlike the release (docs/method.md §2.8), the optimizer state is restored before the first step, so the
 first step after a resume uses the saved Adam moments and the run continues bit for bit.
 Tensors whose dtype numpy lacks (bfloat16, float8) are stored as same-width integers, their torch
 dtype noted in the file's metadata (``torch_dtypes``).

@@ -1,4 +1,4 @@
-"""A typed view of one run's training configuration (design.md §5; defaults from method.md §2.3-2.4).
+"""A typed view of one run's training configuration (docs/design.md §5; defaults from docs/method.md §2.3-2.4).
 
 Built from a plain dict (one ``runs.<name>`` entry of ``config.yaml``, flattened) with
 :meth:`TrainConfig.from_dict`; an unknown key, a wrong type or a value out of range is a ``ValueError``
@@ -16,7 +16,7 @@ that names the key. Keys (defaults in brackets):
   [``"auto"``: ``sqrt(N * D / 4096)``, at least 1] or a number;
 - source: ``source`` [``gaussian``] or ``gmm`` with ``gmm`` (the spatial GMM file, ``(K, N, D)`` means);
   ``cls_gmm`` (the CLS GMM file) gives the modes of mode coupling;
-- ``coupling`` [``independent``], ``mode-soft``, ``mode-hard`` (method.md §3.4) or ``ot`` (minibatch OT);
+- ``coupling`` [``independent``], ``mode-soft``, ``mode-hard`` (docs/method.md §3.4) or ``ot`` (minibatch OT);
 - ``conditioning`` [``none``], ``class`` (``num_classes``, ``class_dropout_prob`` [0.0]) or ``mode``;
 - model: ``model`` [``ditdh-tiny``], a DiTDH preset or ``mlp``; ``model_overrides`` [{}] (keyword
   arguments of ``build_ditdh`` / ``VelocityMLP``);
@@ -24,8 +24,8 @@ that names the key. Keys (defaults in brackets):
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
   ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
   ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
-  ``tensorboard`` [True] (events in ``out_dir/tensorboard`` beside ``metrics.csv``);
-- adaptive per-mode loss weighting (method.md §3.7; GMM source only): ``adaptive_weighting`` [False],
+  ``tensorboard`` [True] (events in ``out_dir`` beside ``metrics.csv``, so ``tensorboard --logdir results/runs`` names each run by its folder);
+- adaptive per-mode loss weighting (docs/method.md §3.7; GMM source only): ``adaptive_weighting`` [False],
   ``adaptive_decay`` [0.9995], ``adaptive_warmup_steps`` [78] optimizer steps (the release counts 2,500
   per-rank micro-batches: ``floor(2500 / A)`` steps at its accumulation ``A``, 78 at 32, 312 at 8, 1250 at 2;
   :func:`~mmfm.train.weighting.warmup_steps_from_micro_batches`), ``adaptive_gamma`` [2.0],

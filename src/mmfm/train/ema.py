@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights (method.md §2.4).
+"""Exponential moving average of a model's weights (docs/method.md §2.4).
 
 After every optimizer update ``step`` (0 for the first), with ``d = decay(step)``::
 

@@ -1,4 +1,4 @@
-"""Fréchet distance of a velocity model's samples to the data, in the latent space (design.md §7).
+"""Fréchet distance of a velocity model's samples to the data, in the latent space (docs/design.md §7).
 
 The offline demo has no Inception network, so its distance is measured where the model works: the
 flattened token grids ``(N D,)`` of samples against those of the training shards, with pytorch-fid's

@@ -1,4 +1,4 @@
-"""The training loop (method.md §2.3-2.4, §3.4-3.5; design.md §2, §6).
+"""The training loop (docs/method.md §2.3-2.4, §3.4-3.5; docs/design.md §2, §6).
 
 One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micro * accumulation``):
 
@@ -16,7 +16,7 @@ One optimizer step, per rank (``B = global_batch / world_size`` rows, ``B = micr
 3. ``accumulation`` micro-steps of ``micro`` rows: forward (bf16 autocast on CUDA when asked), loss
    ``velocity_loss * micro / B`` (the per-rank mean), backward (DDP ``no_sync`` on all but the last);
    With ``adaptive_weighting`` the per-sample losses are weighted by their mode's
-   :class:`~mmfm.train.weighting.AdaptiveModeWeighting` (method.md §3.7), updated after the step;
+   :class:`~mmfm.train.weighting.AdaptiveModeWeighting` (docs/method.md §3.7), updated after the step;
 4. clip the gradient norm, fused AdamW step (skipped on the device when the loss or the norm is not
    finite), LR scheduler step (``LambdaLR`` with :meth:`~mmfm.train.schedule.LRSchedule.factor`), EMA
    update with the decay of this step.
@@ -81,7 +81,6 @@ log = logging.getLogger(__name__)
 
 METRICS = "metrics.csv"
 METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "mfu")
-TENSORBOARD = "tensorboard"
 EMA_EXPORT = "ema.safetensors"
 FD_LOG = "fd.csv"
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C (a second one stops at once)
@@ -432,7 +431,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 
     stop = cfg.steps if max_steps is None else min(cfg.steps, step + int(max_steps))
     metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0,
-                       tensorboard=out_dir / TENSORBOARD if cfg.tensorboard else None)
+                       tensorboard=out_dir if cfg.tensorboard else None)  # runs named by their folders
     evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step,
                            metrics) if cfg.eval_every and rank == 0 else None)  # Fréchet distance, rank 0
     if not cfg.eval_every and rank == 0 and (out_dir / FD_LOG).exists():  # evaluation dropped on resume: the

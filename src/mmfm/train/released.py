@@ -1,6 +1,6 @@
 """Import a released RAE / MM-FM DiTDH checkpoint into our format (loaded by :mod:`mmfm.models.velocity`).
 
-A released stage-2 checkpoint (method.md §2.8) is a ``torch.save`` dict — RAE: ``{step, epoch, model, ema,
+A released stage-2 checkpoint (docs/method.md §2.8) is a ``torch.save`` dict — RAE: ``{step, epoch, model, ema,
 optimizer, scheduler}``; MM-FM: ``{model, ema, opt, scheduler, train_steps, epoch, config_path, training_cfg,
 cli_overrides, ...}`` — or sometimes a bare state dict. Its network is a ``DiTwDDTHead`` whose parameter
 names equal :class:`mmfm.models.DiTDH`'s, trained in RAE's time convention (``t = 0`` data, ``t = 1`` noise,

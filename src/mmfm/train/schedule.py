@@ -1,4 +1,4 @@
-"""Learning-rate and EMA-decay phases of the release, and the batch arithmetic (method.md §2.4).
+"""Learning-rate and EMA-decay phases of the release, and the batch arithmetic (docs/method.md §2.4).
 
 Steps are counted the release's way: ``step`` is the number of optimizer updates already taken, so
 the first update is step 0. That is the index ``torch.optim.lr_scheduler.LambdaLR`` passes to its
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 STEPS_PER_EPOCH = 1251
-"""Optimizer steps per ImageNet epoch at global batch 1024 on 8 ranks (method.md §2.4 [computed]):
+"""Optimizer steps per ImageNet epoch at global batch 1024 on 8 ranks (docs/method.md §2.4 [computed]):
 ``steps_per_epoch(1_281_167, 8, micro, accumulation)`` for every micro-batch of the release."""
 
 
@@ -43,7 +43,7 @@ def _check_step(step: int) -> int:
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Piecewise learning rate of the release (method.md §2.4; ``build_scheduler`` "linear" [fork]).
+    """Piecewise learning rate of the release (docs/method.md §2.4; ``build_scheduler`` "linear" [fork]).
 
     With ``s`` the step, ``s_i = initial_steps``, ``s_d = decay_start``, ``s_e = decay_end``::
 
@@ -113,7 +113,7 @@ class LRSchedule:
 
 @dataclass(frozen=True)
 class EMASchedule:
-    """EMA decay per step (method.md §2.4): ``initial_decay`` for ``step < initial_steps``, then ``decay``.
+    """EMA decay per step (docs/method.md §2.4): ``initial_decay`` for ``step < initial_steps``, then ``decay``.
 
     The release switches on the epoch (``epoch < initial_phase_epochs``), which at a whole number of
     steps per epoch is ``step < initial_phase_epochs * steps_per_epoch``. Defaults: MM-FM XL with the
@@ -166,7 +166,7 @@ def derive_batch(global_batch: int, world_size: int, micro_batch_max: int) -> tu
 
 
 def steps_per_epoch(num_images: int, world_size: int, micro_batch: int, accumulation: int) -> int:
-    """Optimizer steps per epoch of the release's loader (method.md §2.4 [computed])::
+    """Optimizer steps per epoch of the release's loader (docs/method.md §2.4 [computed])::
 
         floor(floor(ceil(num_images / world_size) / micro_batch) / accumulation)
 

@@ -1,4 +1,4 @@
-"""Adaptive per-mode loss weighting (method.md §3.7, the release's ``AdaptiveClassWeighter``).
+"""Adaptive per-mode loss weighting (docs/method.md §3.7, the release's ``AdaptiveClassWeighter``).
 
 Each source mode ``k`` keeps an exponential moving average ``L_k`` of the per-sample flow-matching loss
 of the samples whose noise came from mode ``k``. After a warm-up, sample ``i`` (mode ``k_i``) weighs
