@@ -99,8 +99,9 @@ def runs_section(summary: dict) -> str:
              '<th rowspan="2">model</th><th rowspan="2">steps</th>'
              + (f'<th colspan="{len(nfe_cols)}">{metric} ↓ at NFE ({e(fmt(final.get("samples")))} samples)</th>'
                 if nfe_cols else "")
-             + '<th colspan="2">steps to the baseline\'s final distance</th>'
-               '<th colspan="2">NFE to the baseline\'s target</th><th rowspan="2">wall time (s)</th></tr>')
+             + '<th colspan="2" title="training steps to the baseline\'s final distance">steps to target</th>'
+               '<th colspan="2" title="sampling steps to the baseline\'s target">NFE to target</th>'
+               '<th rowspan="2">wall time (s)</th></tr>')
     head2 = f"<tr>{nfe_head}<th>step</th><th>ratio</th><th>NFE</th><th>ratio</th></tr>"
     best = {}  # the lowest distance of each NFE column, shown in bold
     for s, n in nfe_cols:
@@ -350,9 +351,9 @@ header{background:#20232a;color:#fff;padding:14px 28px}header h1{margin:0;font-s
 nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:6px 28px;z-index:2}
 nav a{margin-right:16px;color:#0b5cad;text-decoration:none}
 main{padding:4px 28px 40px;max-width:1800px}section{margin-top:26px}h2{border-bottom:2px solid #20232a;padding-bottom:3px}
-table{border-collapse:collapse;background:#fff;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;background:#fff;font-variant-numeric:tabular-nums}#runs{font-size:13.5px}#paper td:last-child{white-space:nowrap}#runs td,#runs th{padding:3px 6px}
 th,td{border:1px solid #d6d6d6;padding:3px 8px;text-align:right;vertical-align:top}thead th{background:#eef0f3}
-td.t{text-align:left}td[data-key=description]{min-width:170px;max-width:300px}thead th{text-align:center}tbody th{text-align:left;white-space:nowrap}
+td.t{text-align:left}td[data-key=description]{min-width:150px;max-width:230px}thead th{text-align:center}tbody th{text-align:left;white-space:nowrap}
 td.best{font-weight:700}
 tr[data-missing]{color:#999;background:#fff6f6}.note{color:#555;font-size:13px;max-width:1100px}
 .side{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}.wide{overflow-x:auto;max-width:100%}.paper{max-width:560px}caption{text-align:left;font-weight:600;padding:4px 0}
