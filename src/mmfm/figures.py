@@ -208,17 +208,22 @@ def _floor_label(floor: float, samples) -> str:
         f"floor: real samples vs the data ({_fmt(floor)})"
 
 
+def _curves_axes(curves: Mapping[str, Sequence], colors, what: str):
+    """``(figure, axes, {name: (x, y)} of the runs with points, colours)`` of a distance figure; raises when
+    no run has a point."""
+    drawn = {name: _points(pts) for name, pts in curves.items()}
+    drawn = {name: xy for name, xy in drawn.items() if len(xy[0])}
+    if not drawn:
+        raise ValueError(f"no run has a distance {what} to draw")
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    return fig, fig.subplots(), drawn, _colors(list(curves), colors)
+
+
 def fd_training_figure(curves: Mapping[str, Sequence], *, floor: float | None = None, samples: int | None = None,
                        nfe: int | None = None, sampler: str = "euler",
                        colors: Mapping[str, str] | None = None) -> Figure:
     """The figure of :func:`fd_over_training`."""
-    drawn = {name: _points(pts) for name, pts in curves.items()}
-    drawn = {name: xy for name, xy in drawn.items() if len(xy[0])}
-    if not drawn:
-        raise ValueError("no run has a distance over training to draw")
-    cols = _colors(list(curves), colors)
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.subplots()
+    fig, ax, drawn, cols = _curves_axes(curves, colors, "over training")
     for name, (x, y) in drawn.items():
         ax.plot(x, y, "o-", ms=4, lw=1.6, color=cols[name], label=name)
     if floor is not None and floor > 0:
@@ -247,13 +252,7 @@ def fd_nfe_figure(curves: Mapping[str, Sequence], *, floor: float | None = None,
                   target: float | None = None, sampler: str = "euler",
                   colors: Mapping[str, str] | None = None) -> Figure:
     """The figure of :func:`fd_over_nfe`."""
-    drawn = {name: _points(pts) for name, pts in curves.items()}
-    drawn = {name: xy for name, xy in drawn.items() if len(xy[0])}
-    if not drawn:
-        raise ValueError("no run has a distance over NFE to draw")
-    cols = _colors(list(curves), colors)
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.subplots()
+    fig, ax, drawn, cols = _curves_axes(curves, colors, "over NFE")
     ticks = sorted({float(v) for x, _ in drawn.values() for v in x if v > 0})
     for name, (x, y) in drawn.items():
         keep = x > 0
