@@ -4,7 +4,7 @@
 #   images ──encode──▶ latent shards ──fit_cls_gmm──▶ CLS GMM ──spatial_stats / spatial_gmm──▶ spatial GMM
 #                           │                                                                     │
 #                           └──────────────▶ train (each run: source × coupling × conditioning) ◀─┘
-#                                                  └──▶ sample (each NFE) ──▶ evaluate ──▶ report
+#                                                  └──▶ sample (samplers × NFE) ──▶ evaluate ──▶ report
 #   toy_r10: the paper's R^10 Compact/Spread table, beside the rest.
 #
 #   snakemake --cores 2                                   # the embedded digits demo (config.yaml)

@@ -37,6 +37,7 @@ beside it (``<stem>.html``), and prints their paths; ``--json`` adds one JSON li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -244,8 +245,26 @@ def _check_links(page, page_path: Path, root: Path) -> list[str]:
     return problems
 
 
-def check_page(results_dir, screenshot=None, chromium=None) -> dict:
+@contextlib.contextmanager
+def open_browser(chromium=None):
+    """Headless Chromium (Playwright's :class:`Browser`) with this check's flags, closed on exit: several
+    :func:`check_page` calls may share it (``browser=``), each in a fresh browser context of its own."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium or os.environ.get("CHROMIUM") or DEFAULT_CHROMIUM
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS,
+                                    timeout=TIMEOUT_MS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def check_page(results_dir, screenshot=None, chromium=None, browser=None) -> dict:
     """Open ``results_dir/index.html`` in headless Chromium and check it (see the module docstring).
+    ``browser``: a browser of :func:`open_browser` to open the page in (a new context: no cache, storage or
+    route of an earlier check), else one is launched for this check and closed after it.
 
     Returns ``{"ok", "problems" (list of one-line messages), "runs_checked", "cells_checked", "images",
     "screenshot", "dom" (paths written, or None), "seconds"}``."""
@@ -284,7 +303,6 @@ def check_page(results_dir, screenshot=None, chromium=None) -> dict:
 
     try:
         from playwright.sync_api import Error as PlaywrightError
-        from playwright.sync_api import sync_playwright
     except ImportError:
         problems.append("playwright is not installed (pip install playwright; its browser download is not needed)")
         return done()
@@ -332,48 +350,46 @@ def check_page(results_dir, screenshot=None, chromium=None) -> dict:
         ws.close()
 
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS,
-                                        timeout=TIMEOUT_MS)
+        with contextlib.ExitStack() as stack:
+            if browser is None:
+                browser = stack.enter_context(open_browser(chromium))
+            context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, service_workers="block")
+            stack.callback(context.close)
+            # the network is not reached: every non-file request is aborted in the browser
+            context.route(lambda url: not allowed(url), lambda route: route.abort("blockedbyclient"))
+            context.route_web_socket(lambda url: True, on_websocket)
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("console", on_console)
+            page.on("pageerror", on_pageerror)
+            page.on("crash", lambda _: problems.append("the page crashed"))
+            page.on("request", on_request)
+            page.on("requestfailed", on_failed)
+            page.on("response", on_response)
+
+            page.goto(page_path.as_uri(), wait_until="load")
             try:
-                context = browser.new_context(viewport=VIEWPORT, device_scale_factor=1, service_workers="block")
-                # the network is not reached: every non-file request is aborted in the browser
-                context.route(lambda url: not allowed(url), lambda route: route.abort("blockedbyclient"))
-                context.route_web_socket(lambda url: True, on_websocket)
-                page = context.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
-                page.on("console", on_console)
-                page.on("pageerror", on_pageerror)
-                page.on("crash", lambda _: problems.append("the page crashed"))
-                page.on("request", on_request)
-                page.on("requestfailed", on_failed)
-                page.on("response", on_response)
+                page.wait_for_load_state("networkidle", timeout=5_000)
+            except PlaywrightError:
+                problems.append("the page kept loading for 5 s after its load event (requests never finished)")
+            images = page.evaluate(_IMAGES_SETTLED, 10_000)
+            out["images"] = len(images)
+            for img in images:
+                if not (img["complete"] and img["naturalWidth"] > 0):
+                    name = f'<img{" id=" + repr(img["id"]) if img["id"] else ""} src="{img["src"]}">'
+                    state = "still loading" if not img["complete"] else "broken or empty (naturalWidth 0)"
+                    problems.append(f"{name} did not load: {state}; {img['url'] or 'no src'}")
+            problems.extend(_check_links(page, page_path, root))
+            if runs is not None:
+                table_problems, out["runs_checked"], out["cells_checked"] = check_table(page.evaluate(_TABLE), runs)
+                problems.extend(table_problems)
 
-                page.goto(page_path.as_uri(), wait_until="load")
-                try:
-                    page.wait_for_load_state("networkidle", timeout=5_000)
-                except PlaywrightError:
-                    problems.append("the page kept loading for 5 s after its load event (requests never finished)")
-                images = page.evaluate(_IMAGES_SETTLED, 10_000)
-                out["images"] = len(images)
-                for img in images:
-                    if not (img["complete"] and img["naturalWidth"] > 0):
-                        name = f'<img{" id=" + repr(img["id"]) if img["id"] else ""} src="{img["src"]}">'
-                        state = "still loading" if not img["complete"] else "broken or empty (naturalWidth 0)"
-                        problems.append(f"{name} did not load: {state}; {img['url'] or 'no src'}")
-                problems.extend(_check_links(page, page_path, root))
-                if runs is not None:
-                    table_problems, out["runs_checked"], out["cells_checked"] = check_table(page.evaluate(_TABLE), runs)
-                    problems.extend(table_problems)
-
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(screenshot), full_page=True)
-                out["screenshot"] = str(screenshot)
-                dom_path.write_text(page.content(), encoding="utf-8")
-                out["dom"] = str(dom_path)
-                page.wait_for_timeout(100)  # late console messages / errors of the settled page
-            finally:
-                browser.close()
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            out["screenshot"] = str(screenshot)
+            dom_path.write_text(page.content(), encoding="utf-8")
+            out["dom"] = str(dom_path)
+            page.wait_for_timeout(100)  # late console messages / errors of the settled page
     except PlaywrightError as err:
         problems.append(f"the browser failed: {str(err).strip().splitlines()[0]}")
     for kind, url, text, at in consoles:

@@ -8,7 +8,8 @@ Checks, each to the README's printed precision (a relative 1 %, for the last dig
 
 - the headline table: the demo column of "Gaussian baseline", "GMM source + mode coupling, unconditional
   network" and "+ mode-conditional network" is the ``final`` of gauss-indep, gmm-mode and gmm-mode-cond;
-- the NFE table (``| run | NFE 1 | 2 | ...``): every cell is the run's ``fd_over_nfe`` at that NFE;
+- the NFE table (``| run | NFE 1 | 2 | ...``): every cell is the run's ``fd_over_nfe`` at that NFE (its headline
+  sampler's; a row ``run (sampler)`` is that sampler's curve);
 - the training table (``| run | step 25 | 50 | ...``): every cell is the run's ``fd_over_steps`` at that step.
 
 Exit 1, naming each cell that disagrees.
@@ -25,7 +26,9 @@ HEADLINE = {"Gaussian baseline": "gauss-indep", "GMM source + mode coupling, unc
             "+ mode-conditional network": "gmm-mode-cond"}
 
 
-def _rows(lines: list[str], head: re.Pattern) -> tuple[list[int], dict[str, list[float]]]:
+def _tables(lines: list[str], head: re.Pattern) -> list[tuple[list[int], dict[str, list[float]]]]:
+    """Every table whose header matches ``head``: ``(the header's numbers, {row label: values})``."""
+    out = []
     for i, line in enumerate(lines):
         if head.match(line):
             xs = [int(x) for x in re.findall(r"\d+", line)]
@@ -35,8 +38,10 @@ def _rows(lines: list[str], head: re.Pattern) -> tuple[list[int], dict[str, list
                     break
                 cells = [c.strip() for c in row.strip().strip("|").split("|")]
                 rows[cells[0]] = [float(c.replace(",", "")) for c in cells[1:]]
-            return xs, rows
-    raise SystemExit(f"README: no table whose header matches {head.pattern!r}")
+            out.append((xs, rows))
+    if not out:
+        raise SystemExit(f"README: no table whose header matches {head.pattern!r}")
+    return out
 
 
 def check(readme: Path, summary: Path) -> list[str]:
@@ -56,12 +61,15 @@ def check(readme: Path, summary: Path) -> list[str]:
         m = re.search(r"([\d.]+)\s*\|\s*$", row)
         same(f"headline {label!r}", float(m.group(1)), runs[run]["final"])
     for head, key in ((re.compile(r"^\| run \| NFE 1 "), "fd_over_nfe"), (re.compile(r"^\| run \| step \d+ "), "fd_over_steps")):
-        xs, rows = _rows(lines, head)
-        for run, values in rows.items():
-            pts = runs[run][key]
-            pts = dict(next(iter(pts.values()))) if isinstance(pts, dict) else dict(pts)
-            for x, v in zip(xs, values):
-                same(f"{key} table, {run} at {x}", v, pts.get(x))
+        for xs, rows in _tables(lines, head):
+            for label, values in rows.items():
+                run, _, sampler = label.partition(" (")  # "gm-gmm-mode-cond (gm-sde)": that sampler's curve
+                pts = runs[run][key]
+                if isinstance(pts, dict):
+                    pts = pts[sampler.rstrip(")")] if sampler else next(iter(pts.values()))
+                pts = dict(pts)
+                for x, v in zip(xs, values):
+                    same(f"{key} table, {run} at {x}", v, pts.get(x))
     return problems
 
 

@@ -23,10 +23,11 @@
 #      2 torchrun agents that met at the c10d rendezvous (every rank's result line: world size 2);
 #    - nothing of the run is left in the SLURM queue;
 #    - a rerun `snakemake -n` says "Nothing to be done" (no rerun triggers fire).
-# 6. a stop signal during training: gmm-indep is extended to 300 steps; once it passes step 60, its
-#    job's steps get SIGTERM (scancel --signal=TERM: what --signal=TERM@lead sends); the job must fail
-#    with a checkpoint, Snakemake's retry must resume it in a new SLURM job, and metrics.csv must count
-#    every step once, 1..300.
+# 6. a stop signal during training: gmm-indep is extended to 150 steps, with no periodic checkpoint
+#    before its end; once it passes step 40, its job's steps get SIGTERM (scancel --signal=TERM: what
+#    --signal=TERM@lead sends); the job must fail with a checkpoint (the signal's: the only one between
+#    step 20 and the end), Snakemake's retry must resume it from that step in a new SLURM job, and
+#    metrics.csv must count every step once, 1..150.
 # 5. always (trap): ci/slurm-down.sh, unless SLURM_TEST_KEEP_UP=1.
 #
 # Why these checks: without slurmdbd there is no sacct. squeue/scontrol keep finished jobs for
@@ -35,7 +36,8 @@
 #
 # Env: SLURM_TEST_TIMEOUT   seconds for the real run (default 1200); a hang fails, it does not stall
 #      SLURM_TEST_CONFIG    config files (default "config.yaml ci/slurm-config.yaml")
-#      SLURM_TEST_GPU_RULES rules that must get a GPU (default "train train_nodes sample")
+#      SLURM_TEST_GPU_RULES rules that must get a GPU (default "train train_nodes sample"; a rule sample_<samplers>
+#                           of runs with samplers of their own counts as sample)
 #      SLURM_TEST_NODES_RULES rules whose jobs run one torchrun agent per task (default "train_nodes")
 #      SLURM_TEST_SIGNAL=0   skip step 6 (the stop signal and Snakemake's retry)
 #      SLURM_TEST_WORKDIR   where the copy runs (default: a new /tmp/mmfm-slurm-test.XXXXXX);
@@ -121,6 +123,17 @@ import json, os, re, subprocess, sys
 from collections import defaultdict
 
 gpu_rules = os.environ["SLURM_TEST_GPU_RULES"].split()
+
+
+def stage(rule):
+    """sample_euler_heun(_nodes) -> sample(_nodes), evaluate_euler_heun -> evaluate: the rules of runs with
+    samplers of their own (mmfm.config.sampler_groups) are their stage's rule for these checks."""
+    nodes = "_nodes" if rule.endswith("_nodes") else ""
+    base = rule.removesuffix("_nodes")
+    for name in ("sample", "evaluate"):
+        if base.startswith(name + "_"):
+            return name + nodes
+    return rule
 jobenv = os.path.join(os.environ["SLURM_RUN_DIR"], "jobenv")
 run = open("run.log").read()
 dry = open("dry.log").read()
@@ -184,7 +197,7 @@ for jobid, rule in sorted(finished.items()):
         if len(ranks) != 2 or {r.get("world_size") for r in ranks} != {2}:
             errors.append(f"rule {rule}: results/logs/train/{wc}.log has {len(ranks)} rank result(s) "
                           f"{[r.get('world_size') for r in ranks]}, expected 2 of world size 2")
-    if rule in gpu_rules:
+    if stage(rule) in gpu_rules:
         if not re.fullmatch(r"gpu(:\w+)?:[1-9]\d*", gres):
             errors.append(f"GPU rule {rule}: SLURM job {sid} has JOB_GRES={gres}, no GPU allocated")
         if not step or not step_gpus or not cvd:
@@ -207,7 +220,7 @@ if run_id:
 n_slurm = sum(1 for v in per_rule.values() for s in v if s != "local")
 print(f"[slurm-test] {n_slurm} SLURM jobs, {len(finished) - n_slurm} local jobs (run {run_id}):")
 for r, v in sorted(per_rule.items()):
-    kind = "local" if all(s == "local" for s in v) else ("GPU" if r in gpu_rules else "CPU")
+    kind = "local" if all(s == "local" for s in v) else ("GPU" if stage(r) in gpu_rules else "CPU")
     ids = ",".join(str(s) for s in v if s != "local") or "-"
     rts = ",".join(t[3:] if t.startswith("00:") else t for t in runtimes.get(r, [])) or "-"
     print(f"[slurm-test]   {r:16s} {kind:5s} {len(v):3d} job(s)  SLURM ids {ids}  run times {rts}")
@@ -235,23 +248,24 @@ if [ "${SLURM_TEST_SIGNAL:-1}" = 1 ]; then
   RUN_DIR=results/runs/gmm-indep
   last_step() { tail -n 1 "$RUN_DIR/metrics.csv" 2>/dev/null | cut -d, -f1; }
   before=$(last_step)
-  log "stop signal: gmm-indep extended from step $before to 300; SIGTERM to its job once past step 60"
+  STEPS=150 SIGNAL_AT=40  # checkpoint_every above STEPS: the signal's checkpoint is the only one to resume from
+  log "stop signal: gmm-indep extended from step $before to $STEPS; SIGTERM to its job once past step $SIGNAL_AT"
   # a --config replaces the profile's config list: repeat allow_cpu_fallback
   # shellcheck disable=SC2086
   timeout -k 15 "$TIMEOUT" snakemake --profile "$PROFILE" --configfile $CONFIG \
-    --config 'runs={gmm-indep: {train: {steps: 300, checkpoint_every: 50}}}' allow_cpu_fallback=true \
+    --config "runs={gmm-indep: {train: {steps: $STEPS, checkpoint_every: 1000}}}" allow_cpu_fallback=true \
     > signal.log 2>&1 &
   smk=$!
   jid=""; deadline=$(( $(date +%s) + TIMEOUT ))
   while [ "$(date +%s)" -lt "$deadline" ] && kill -0 "$smk" 2>/dev/null; do
     step=$(last_step)
-    if [ -n "$step" ] && [ "$step" != step ] && [ "$step" -ge 60 ]; then
+    if [ -n "$step" ] && [ "$step" != step ] && [ "$step" -ge "$SIGNAL_AT" ]; then
       jid=$(squeue -h -o "%i %k" | awk '$2 == "rule_train_wildcards_gmm-indep" {print $1}' | head -1)
       [ -n "$jid" ] && break
     fi
     sleep 1
   done
-  [ -n "$jid" ] || { tail -n 40 signal.log; fail "the extended gmm-indep train job never passed step 60 in SLURM"; }
+  [ -n "$jid" ] || { tail -n 40 signal.log; fail "the extended gmm-indep train job never passed step $SIGNAL_AT in SLURM"; }
   scancel --signal=TERM "$jid"
   log "sent SIGTERM to the steps of SLURM job $jid at step $(last_step)"
   set +e; wait "$smk"; sig_rc=$?; set -e
@@ -260,16 +274,16 @@ if [ "${SLURM_TEST_SIGNAL:-1}" = 1 ]; then
   [ "$state" = JobState=FAILED ] || fail "the signalled job $jid ended $state, expected FAILED (exit 143 of the trainer)"
   grep -q "Trying to restart job" signal.log || fail "Snakemake did not retry the signalled train job (signal.log)"
   from=$(grep -oE "resuming from $RUN_DIR/step-[0-9]+" results/logs/train/gmm-indep.log | tail -1 | grep -oE "[0-9]+$" || true)
-  [ -n "$from" ] && [ "$((10#$from))" -ge 60 ] \
+  [ -n "$from" ] && [ "$((10#$from))" -ge "$SIGNAL_AT" ] && [ "$((10#$from))" -lt "$STEPS" ] \
     || fail "the retried train job did not resume from the signal's checkpoint (results/logs/train/gmm-indep.log: '$from')"
-  "$SMK_PY" - "$RUN_DIR/metrics.csv" <<'PY' || fail "metrics.csv of the stopped and resumed run is wrong"
+  "$SMK_PY" - "$RUN_DIR/metrics.csv" "$STEPS" <<'PY' || fail "metrics.csv of the stopped and resumed run is wrong"
 import csv, sys
 steps = [int(r["step"]) for r in csv.DictReader(open(sys.argv[1]))]
 first = steps[0]
-assert steps == list(range(first, 301, first)), steps[:5] + ["..."] + steps[-5:]
+assert steps == list(range(first, int(sys.argv[2]) + 1, first)), steps[:5] + ["..."] + steps[-5:]
 print(f"[slurm-test] metrics.csv: steps {steps[0]}..{steps[-1]}, each once, in order")
 PY
-  log "stop signal: job $jid FAILED after its checkpoint at step $((10#$from)), the retry resumed from it, the run reached step 300"
+  log "stop signal: job $jid FAILED after its checkpoint at step $((10#$from)), the retry resumed from it, the run reached step $STEPS"
 fi
 t6=$(date +%s)
 

@@ -1,5 +1,8 @@
 """ci/browser_check.py: the results page opened from disk in headless Debian Chromium (Playwright), on
-small hand-written pages: a good one passes, and each fault a reader would see is named."""
+small hand-written pages: a good one passes, and each fault a reader would see is named.
+
+The checks share one browser (the module's ``browser`` fixture; each check opens its page in a fresh
+context of its own, as check_page does with a browser of its own); the command line launches its own."""
 
 import http.server
 import importlib.util
@@ -82,8 +85,15 @@ def make_page(root: Path, *, head: str = "", body: str = "", cells=None, script_
     return page
 
 
-def check(root: Path, **kw) -> dict:
-    return bc.check_page(root, chromium=CHROMIUM, **kw)
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's checks (launching it is most of a check's time)."""
+    with bc.open_browser(CHROMIUM) as b:
+        yield b
+
+
+def check(root: Path, browser, **kw) -> dict:
+    return bc.check_page(root, chromium=CHROMIUM, browser=browser, **kw)
 
 
 def only(res: dict, *needles: str) -> str:
@@ -95,10 +105,10 @@ def only(res: dict, *needles: str) -> str:
 
 
 @pytest.mark.parametrize("script_table", [False, True], ids=["static", "scripted"])
-def test_good_page_passes(tmp_path, script_table):
+def test_good_page_passes(tmp_path, script_table, browser):
     root = tmp_path / "results"
     make_page(root, script_table=script_table)
-    res = check(root)
+    res = check(root, browser)
     assert res["ok"], res["problems"]
     assert res["runs_checked"] == 2 and res["cells_checked"] == 14 and res["images"] == 3
     png, dom = Path(res["screenshot"]), Path(res["dom"])
@@ -110,12 +120,19 @@ def test_good_page_passes(tmp_path, script_table):
     assert 'data-run="gmm-mode"' in dom.read_text()  # the rendered DOM, rows made by the script included
 
 
-def test_cli_json_and_exit_code(tmp_path, capsys):
+def test_cli_json_and_exit_code(tmp_path):
+    """The command as CI runs it (a process of its own: it launches its own browser)."""
+    import subprocess
+    import sys
+
     root = tmp_path / "results"
     make_page(root, body='<img src="report/nope.png">')
     shot = tmp_path / "shots" / "page.png"
-    assert bc.main([str(root), "--screenshot", str(shot), "--chromium", CHROMIUM, "--json"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
+    proc = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "ci" / "browser_check.py"), str(root),
+                           "--screenshot", str(shot), "--chromium", CHROMIUM, "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
     res = json.loads(lines[-1])
     assert set(res) >= {"ok", "problems", "runs_checked", "cells_checked", "images", "screenshot", "dom"}
     assert res["ok"] is False and res["screenshot"] == str(shot) and res["dom"] == str(tmp_path / "shots" / "page.html")
@@ -123,81 +140,81 @@ def test_cli_json_and_exit_code(tmp_path, capsys):
     assert shot.is_file() and (tmp_path / "shots" / "page.html").is_file()
 
 
-def test_missing_image(tmp_path):
+def test_missing_image(tmp_path, browser):
     """Chromium fails a missing file:// image as a request (net::ERR_FILE_NOT_FOUND) and the <img> is
     complete with naturalWidth 0; its "Failed to load resource" console error is not reported again."""
     root = tmp_path / "results"
     make_page(root, body='<img id="gone" src="samples/x/nfe-16.png">')
-    res = check(root)
+    res = check(root, browser)
     assert len(res["problems"]) == 2, res["problems"]
     failed, img = res["problems"]
     assert failed.startswith("request failed: file://") and "ERR_FILE_NOT_FOUND" in failed
     assert "<img id='gone' src=\"samples/x/nfe-16.png\"> did not load" in img
 
 
-def test_console_error_and_warning(tmp_path):
+def test_console_error_and_warning(tmp_path, browser):
     root = tmp_path / "results"
     make_page(root, body='<script>console.error("boom from the page"); console.warn("careful");</script>')
-    res = check(root)
+    res = check(root, browser)
     assert len(res["problems"]) == 2, res["problems"]
     assert any(p.startswith("console error at file://") and "boom from the page" in p for p in res["problems"])
     assert any(p.startswith("console warning") and "careful" in p for p in res["problems"])
 
 
-def test_uncaught_exception(tmp_path):
+def test_uncaught_exception(tmp_path, browser):
     root = tmp_path / "results"
     make_page(root, body="<script>function render() { undefinedThing.x = 1; } render();</script>")
-    only(check(root), "uncaught exception", "undefinedThing is not defined")
+    only(check(root, browser), "uncaught exception", "undefinedThing is not defined")
 
 
-def test_wrong_number_in_a_cell(tmp_path):
+def test_wrong_number_in_a_cell(tmp_path, browser):
     root = tmp_path / "results"
     cells = {k: list(v) for k, v in CELLS.items()}
     cells["gmm-mode"][1] = ("final", "3.19")  # summary: 3.18333 -> "3.183"
     make_page(root, cells=cells)
-    only(check(root), "row 'gmm-mode'", "data-key='final'", "'3.19'", "3.183")
+    only(check(root, browser), "row 'gmm-mode'", "data-key='final'", "'3.19'", "3.183")
 
 
-def test_number_within_tolerance_and_pair_lookup(tmp_path):
+def test_number_within_tolerance_and_pair_lookup(tmp_path, browser):
     root = tmp_path / "results"
     cells = {k: list(v) for k, v in CELLS.items()}
     cells["base"][1] = ("final", "6.6041")  # more digits than .4g: within 5e-4 of 6.60412
     cells["gmm-mode"][5] = ("fd_over_nfe/euler/2", "4.1")
     make_page(root, cells=cells)
-    assert check(root)["ok"]
+    assert check(root, browser)["ok"]
     cells["gmm-mode"][5] = ("fd_over_nfe/euler/8", "4.1")  # no NFE 8 in the list
     make_page(root, cells=cells)
-    only(check(root), "data-key='fd_over_nfe/euler/8'", "no pair with x = 8")
+    only(check(root, browser), "data-key='fd_over_nfe/euler/8'", "no pair with x = 8")
 
 
-def test_run_missing_from_the_table_and_an_extra_row(tmp_path):
+def test_run_missing_from_the_table_and_an_extra_row(tmp_path, browser):
     root = tmp_path / "results"
     make_page(root, cells={"base": CELLS["base"]})
-    only(check(root), "no row", "'gmm-mode'")
+    only(check(root, browser), "no row", "'gmm-mode'")
     make_page(root, cells={**CELLS, "ghost": [("final", "1")]})
-    only(check(root), "'ghost'", "not a run of summary.json")
+    only(check(root, browser), "'ghost'", "not a run of summary.json")
 
 
-def test_missing_results_row_may_be_empty(tmp_path):
+def test_missing_results_row_may_be_empty(tmp_path, browser):
     root = tmp_path / "results"
     make_page(root)
     page = root / "index.html"
     text = page.read_text().replace('<tr data-run="gmm-mode">', '<tr data-run="gmm-mode" data-missing="no fd.csv">')
     text = text.replace('<td data-key="final">3.183</td>', '<td data-key="final"></td>')
     page.write_text(text)
-    assert check(root)["ok"]
+    assert check(root, browser)["ok"]
 
 
-def test_broken_relative_link_and_anchor(tmp_path):
+def test_broken_relative_link_and_anchor(tmp_path, browser):
     root = tmp_path / "results"
     make_page(root, body='<a href="report/missing.html">gone</a> <a href="#nowhere">x</a> <a href="#curves">ok</a>')
-    res = check(root)
+    res = check(root, browser)
     assert len(res["problems"]) == 2, res["problems"]
     assert '<a href="report/missing.html"> ("gone"): report/missing.html does not exist' in res["problems"][0]
     assert "'nowhere'" in res["problems"][1]
 
 
-def test_network_request_is_flagged_and_never_sent(tmp_path):
+def test_network_request_is_flagged_and_never_sent(tmp_path, browser):
     """A request to http://example.invalid is named; requests and a WebSocket to a live local HTTP server
     are too, and the server sees nothing: the browser aborts them before they leave."""
     hits = []
@@ -219,7 +236,7 @@ def test_network_request_is_flagged_and_never_sent(tmp_path):
         make_page(root, head='<script src="http://example.invalid/lib.js"></script>',
                   body=f'<img src="{local}/pixel.png"><script>fetch("{local}/beacon").catch(() => 0);'
                        f'new WebSocket("ws://127.0.0.1:{server.server_address[1]}/ws");</script>')
-        res = check(root)
+        res = check(root, browser)
     finally:
         server.shutdown()
         server.server_close()
@@ -232,7 +249,7 @@ def test_network_request_is_flagged_and_never_sent(tmp_path):
 
 
 def test_no_page(tmp_path):
-    res = check(tmp_path)
+    res = check(tmp_path, None)
     assert not res["ok"] and "index.html: no such file" in res["problems"][0]
 
 

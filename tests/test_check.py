@@ -204,6 +204,10 @@ def test_rebuild_command_maps_files_to_their_job_and_runs_where_snakemake_ran(tm
     assert cmd(["results/runs/a b/metrics.csv"]) == "snakemake --cores all --forcerun 'results/runs/a b/ema.safetensors'"
     assert cmd(["results/runs/r/step-0000010/state.json"]) == "rm -r results/runs/r/step-0000010 && snakemake --cores all"
     assert cmd([tmp_path / "results/eval/r/final.json"]) == "snakemake --cores all --forcerun results/eval/r/nfe_curve.csv"
+    # a further sampler's set and curve (samples/<run>/<sampler>/, eval/<run>/<sampler>/)
+    assert cmd(["results/samples/r/heun/nfe-2.png"]) == "snakemake --cores all --forcerun results/samples/r/heun/nfe-2.npz"
+    assert cmd(["results/eval/r/gm-sde/nfe_curve.csv"]) == \
+        "snakemake --cores all --forcerun results/eval/r/gm-sde/nfe_curve.csv"
     assert cmd(["/elsewhere/data.bin"]) is None
     # snakemake ran in work/ (its .snakemake/ is there); the command is written from there
     (tmp_path / "work/.snakemake").mkdir(parents=True)

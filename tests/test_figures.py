@@ -291,3 +291,19 @@ def test_r10_plot_starts_at_zero_and_states_its_settings(tmp_path):
     assert f"{rows[0]['w2']:.3f}" in values  # every bar carries its value
     _plot(rows, tmp_path / "r10.png", cfg)
     readable_png(tmp_path / "r10.png")
+
+
+def test_fd_over_nfe_one_line_per_run_and_sampler(tmp_path):
+    """summary.json's fd_over_nfe: a run's headline sampler solid, its further samplers dashed in the same
+    colour, each labelled run (sampler); a run with only the figure's sampler is labelled by its name."""
+    curves = {"base": {"euler": [[1, 60.0], [2, 30.0]]},
+              "mode": {"euler": [[1, 12.0], [2, 7.0]], "heun": [[1, 9.0], [2, 6.8]]},
+              "gm": {"gm-ode": [[1, 10.0], [2, 6.5]], "gm-sde": []}}
+    ax = figures.fd_nfe_figure(curves, floor=None, samples=512, target=None, sampler="euler").axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"base", "mode (euler)", "mode (heun)", "gm (gm-ode)"}  # an empty curve is skipped
+    assert lines["mode (euler)"].get_linestyle() == "-" and lines["mode (heun)"].get_linestyle() == "--"
+    assert lines["mode (euler)"].get_color() == lines["mode (heun)"].get_color() != lines["base"].get_color()
+    assert lines["gm (gm-ode)"].get_linestyle() == "-"
+    assert "512 samples" in ax.get_title() and "euler unless" in ax.get_xlabel()
+    readable_png(figures.fd_over_nfe(curves, tmp_path / "nfe.png", floor=1.0, samples=512, target=20.0))

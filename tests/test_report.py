@@ -223,6 +223,27 @@ def test_summary_records_what_each_run_is_and_its_nfe_curve(tmp_path, runs, benc
     assert [p["conditioning"] for p in s["paper"]["imagenet_fid"]] == ["none", "none", "mode"]
 
 
+def test_every_sampler_of_a_run_is_a_curve_the_headline_gives_the_targets(tmp_path, runs):
+    """nfe_curves {sampler: csv}: fd_over_nfe has one entry per sampler, the headline (``sampler``) first; the
+    NFE target and ratio are the headline curve's; a further curve still missing is listed, not fatal."""
+    heun = tmp_path / "mode-heun.csv"
+    _write_fd(heun, [(400, n, v / 10) for n, v in zip(NFES, NFE_FD["mode"])])
+    runs["mode"]["nfe_curves"] = {"euler": runs["mode"]["nfe_curve"], "heun": heun}
+    s = report.summarize(runs, baseline="gauss", out=tmp_path / "s.json")
+    fd = s["runs"]["mode"]["fd_over_nfe"]
+    assert list(fd) == ["euler", "heun"]
+    assert fd["euler"] == [[n, v] for n, v in zip(NFES, NFE_FD["mode"])]
+    assert fd["heun"] == [[n, v / 10] for n, v in zip(NFES, NFE_FD["mode"])]
+    assert s["runs"]["mode"]["nfe_for_target"] == 4  # the headline's, not heun's (4.0 at NFE 1)
+    assert list(json.loads((tmp_path / "s.json").read_text())["runs"]["mode"]["fd_over_nfe"]) == ["euler", "heun"]
+    heun.unlink()
+    with pytest.raises(FileNotFoundError):
+        report.summarize(runs, baseline="gauss", out=None)
+    s = report.summarize(runs, baseline="gauss", out=None, strict=False)
+    assert s["runs"]["mode"]["fd_over_nfe"]["heun"] == [] and s["runs"]["mode"]["status"] == "complete"
+    assert [m["path"] for m in s["missing"]] == [str(heun)]
+
+
 def test_a_run_still_training_is_listed_as_missing_not_an_error(tmp_path, runs):
     (runs["indep"]["run_dir"] / "fd.csv").unlink()
     runs["indep"]["nfe_curve"].unlink()

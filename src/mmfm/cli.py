@@ -252,7 +252,9 @@ def _sample(args: argparse.Namespace) -> int:
                          guidance_scale=args.guidance_scale, guidance_interval=tuple(args.guidance_interval),
                          cfg_scale=args.cfg_scale, norm=args.norm_stats,
                          batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json,
-                         precision=args.network_precision)
+                         precision=args.network_precision, gm_substeps=args.gm_substeps, gm_order=args.gm_order,
+                         gm_guidance_scale=args.gm_guidance_scale, gm_orthogonal=args.gm_orthogonal,
+                         gm_guidance_interval=tuple(args.gm_guidance_interval), gm2_coefs=tuple(args.gm2_coefs))
     if _rank() == 0:
         print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
     return 0
@@ -263,7 +265,8 @@ def _bench_train(args: argparse.Namespace) -> int:
 
     result = bench_train(preset=args.preset, batch=args.batch, steps=args.steps, warmup=args.warmup,
                          in_channels=args.channels, num_tokens=args.tokens, device=args.device, compile=args.compile,
-                         conditioning=args.conditioning, modes=args.modes, accumulation=args.accumulation)
+                         conditioning=args.conditioning, modes=args.modes, accumulation=args.accumulation,
+                         method=args.method)
     return _report_bench(result, args.json)
 
 
@@ -317,6 +320,8 @@ def _report(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     """``mmfm plan``: the table, what does not fit, the total disk and GPU-hours (last two lines); with
     ``--json`` the plan as one JSON object after them; with ``--strict`` exit 1 when a job does not fit."""
+    import yaml
+
     from mmfm.plan import DEFAULT_MFU, build_plan, gpu, mfu_from, parse_size, render
 
     kind = gpu(args.gpu)
@@ -326,8 +331,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.mfu_from is not None:
         mfu, source = mfu_from(args.mfu_from)
     disk = parse_size(args.disk, "--disk") if args.disk is not None else None
+    overrides = {}
+    for item in args.config or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--config: expected KEY=VALUE (as snakemake's --config), got {item!r}")
+        overrides[key] = yaml.safe_load(value)
     plan = build_plan(args.configfile, gpu=kind, mfu=mfu, mfu_source=source, root=args.directory,
-                      profile=args.profile, disk=disk, cache=None if args.no_cache else "default")
+                      profile=args.profile, disk=disk, cache=None if args.no_cache else "default",
+                      overrides=overrides)
     for line in render(plan):
         print(line)
     if args.json:
@@ -757,7 +769,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--n", "--num-samples", dest="n", type=int, default=64, help="samples in the set")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--steps", type=int, default=50)
-    smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5"])
+    smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde"],
+                     help="ODE solver; gm-ode / gm-sde sample a GMFlow export's mixture (--steps network calls)")
     smp.add_argument("--shift", type=float, default=1.0, help="time shift of the grid")
     smp.add_argument("--end", type=float, default=1.0, help="last time of the grid (RAE: 0.999 before shift)")
     smp.add_argument("--guide", default=None, help="autoguidance: the guide network .safetensors")
@@ -770,6 +783,15 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--grid", default=None, help="also write a PNG grid of the first 64 samples")
     smp.add_argument("--network-precision", default="fp32", choices=["fp32", "bf16"],
                      help="run the velocity networks under bf16 autocast (the ODE state stays fp32)")
+    gmg = smp.add_argument_group("GMFlow samplers (--method gm-ode / gm-sde)")
+    gmg.add_argument("--gm-substeps", type=int, default=None,
+                     help="GM-ODE sub-steps per network call (default: max(2, ceil(128 / steps)), 8 at 4 and 6)")
+    gmg.add_argument("--gm-order", type=int, default=2, choices=[1, 2])
+    gmg.add_argument("--gm-guidance-scale", type=float, default=0.0,
+                     help="probabilistic guidance against --guide, in [0, 1) (0: off)")
+    gmg.add_argument("--gm-orthogonal", type=float, default=1.0)
+    gmg.add_argument("--gm-guidance-interval", type=float, nargs=2, default=(0.0, 1.0))
+    gmg.add_argument("--gm2-coefs", type=float, nargs=2, default=(0.005, 1.0))
     launch_args(smp)
     smp.set_defaults(func=_sample)
 
@@ -856,6 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none (Gaussian source), class (1000 labels) or mode (GMM source, mode coupling)")
     bt.add_argument("--modes", type=int, default=64, help="GMM modes for --conditioning mode (default: %(default)s)")
     bt.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    bt.add_argument("--method", default="fm", choices=["fm", "gmflow"],
+                    help="gmflow: GMFlow's step, with the fm step of the same preset measured beside it")
     bt.add_argument("--json", action="store_true", help="print only the JSON line")
     bt.set_defaults(func=_bench_train)
 
@@ -900,6 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and GPU-hours at an MFU; flags every job whose needs exceed its resources. "
                                     "Needs no artifact: missing ones are notes (docs/plan.md).")
     pl.add_argument("--configfile", default=None, help="the workflow config (default: config.yaml, as snakemake)")
+    pl.add_argument("--config", nargs="+", default=None, metavar="KEY=VALUE",
+                    help="override config keys as snakemake's --config does (YAML values, mappings merged)")
     pl.add_argument("--gpu", default=DEFAULT_GPU, metavar="KIND",
                     help=f"GPU kind: {', '.join(GPUS)} (default: %(default)s)")
     pl.add_argument("--mfu", type=float, default=None, help="model FLOPs utilization for the hours (default: 0.4)")

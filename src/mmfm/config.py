@@ -40,7 +40,11 @@ DEFAULT_RESOURCES = {"threads": 1, "gpu": 0, "mem_mb": 2000, "runtime": 60}
 #: Stages that may run over several nodes (one torchrun agent per node, :mod:`mmfm.launch`).
 MULTI_NODE = ("train", "sample")
 #: Run-level keys that go into the training settings.
-RUN_TRAIN_KEYS = ("source", "coupling", "conditioning")
+RUN_TRAIN_KEYS = ("source", "coupling", "conditioning", "method")
+#: A run's ``method`` when it gives none.
+DEFAULT_METHOD = "fm"
+#: The samplers of a GMFlow network's mixture (the others sample any run, a GMFlow one by its mean velocity).
+GM_SAMPLERS = ("gm-ode", "gm-sde")
 
 
 class ConfigError(ValueError):
@@ -77,14 +81,18 @@ def evaluated_runs(config: dict) -> list[str]:
 
 def train_settings(config: dict, run: str) -> dict[str, Any]:
     """The effective training settings of ``run``: the shared ``train`` section, the run's own ``train``
-    over it, then the run's ``source`` / ``coupling`` / ``conditioning`` (and ``model`` when set).
+    over it, then the run's ``source`` / ``coupling`` / ``conditioning`` (and ``model`` when set, and ``method``
+    when it is not ``fm``).
 
     The GMM file paths are not in it (they are the rule's inputs; :func:`with_gmm_files` adds them)."""
     spec = config["runs"][run]
     out = copy.deepcopy(dict(config.get("train") or {}))
     out.update(copy.deepcopy(spec.get("train") or {}))
     for key in RUN_TRAIN_KEYS:
-        out[key] = spec[key]
+        if key != "method":
+            out[key] = spec[key]
+        elif spec.get("method", DEFAULT_METHOD) != DEFAULT_METHOD:  # (fm is the default: older runs' settings
+            out[key] = spec["method"]  # stay what they were, and nothing reruns)
     if spec.get("model") is not None:
         out["model"] = spec["model"]
     return out
@@ -369,6 +377,7 @@ def check(config: dict, root: str | Path = ".", *, images: bool = True) -> None:
     if base is not None and base not in evaluated_runs(config):
         raise ConfigError(f"report.baseline: {base!r} is not an evaluated run; those are {evaluated_runs(config)}")
     # runs
+    _check_samplers(config)
     for run in runs:
         guide = sample_settings(config, run).get("guide")
         if guide is not None:
@@ -386,6 +395,7 @@ def check(config: dict, root: str | Path = ".", *, images: bool = True) -> None:
                 if guide_run(config, guide) == run:
                     raise ConfigError(f"runs.{run}.sample.guide: {run!r} and {guide!r} guide each other")
         _check_train(config, run)
+        _check_method(config, run, root)
     for rule in RULES:
         for run in (run_names(config) if rule in ("train", "sample") else [None]):
             resources(config, rule, run)
@@ -531,3 +541,147 @@ def _check_train(config: dict, run: str) -> None:
         key = msg.split(":", 1)[0]
         where = f"runs.{run}" if key in RUN_TRAIN_KEYS or key in ("gmm", "cls_gmm") else f"runs.{run}.train"
         raise ConfigError(f"{where}: {msg}") from None
+
+
+def run_method(config: dict, run: str) -> str:
+    """A run's ``method`` (``fm`` when it gives none)."""
+    return config["runs"][run].get("method") or DEFAULT_METHOD
+
+
+def gm_init_run(config: dict, run: str) -> str | None:
+    """The run whose EMA export initializes ``run``'s GMFlow head (``train.gm_init`` naming a run), if any."""
+    init = train_settings(config, run).get("gm_init")
+    return init if init in config["runs"] else None
+
+
+def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
+    """What a run's method needs of the other sections: GMFlow's spherical GMM and its ``gm_init`` run; the GM
+    samplers only for a GMFlow run."""
+    method, runs = run_method(config, run), config["runs"]
+    settings = train_settings(config, run)
+    method_of = sample_settings(config, run).get("method") or "euler"
+    chosen = [method_of] if isinstance(method_of, str) else list(method_of)
+    gm = [m for m in chosen if m in GM_SAMPLERS]
+    if gm and method != "gmflow":
+        raise ConfigError(f"runs.{run}.sample.method: {gm[0]} samples a GMFlow network's mixture; this run has "
+                          f"method {method!r} (set method: gmflow, or sample it with euler / heun / midpoint / "
+                          "dopri5)")
+    if method != "gmflow":
+        return
+    if runs[run]["source"] == "gmm" and (config.get("spatial") or {}).get("covariance", "spherical") != "spherical":
+        raise ConfigError(f"spatial.covariance: the GMFlow run {run!r} needs a spherical spatial GMM (one variance "
+                          "per mode: GM-ODE's Bayes moves and GM-SDE's kernel share one variance per row), not "
+                          f"{config['spatial']['covariance']!r}")
+    groups = settings.get("gm_groups")
+    if groups:
+        try:
+            from mmfm.plan.geometry import tokenizer_geometry
+
+            width = tokenizer_geometry(config["encoder"], root).token_dim
+        except (ImportError, KeyError, ValueError, OSError):
+            width = None  # the tokenizer's shapes are unknown here: the train job checks
+        if width is not None and width % int(groups):
+            raise ConfigError(f"runs.{run}.train.gm_groups: {groups} does not divide the token width {width} of "
+                              f"the {config['encoder']['name']} tokenizer")
+    init = settings.get("gm_init")
+    if init is None:
+        return
+    if init == run:
+        raise ConfigError(f"runs.{run}.train.gm_init: a run cannot initialize itself")
+    if init in runs:
+        theirs = train_settings(config, init)
+        if run_method(config, init) != "fm":
+            raise ConfigError(f"runs.{run}.train.gm_init: {init!r} is a {run_method(config, init)} run; the head is "
+                              "replicated from a velocity network (method fm)")
+        differ = [f"{k} {theirs.get(k)!r} vs {settings.get(k)!r}" for k in ("model", "model_overrides", "conditioning")
+                  if theirs.get(k) != settings.get(k)]
+        if differ:
+            raise ConfigError(f"runs.{run}.train.gm_init: {init!r} is another network than this run "
+                              f"({'; '.join(differ)}); its weights would not fit")
+    elif not str(init).endswith(".safetensors"):
+        raise ConfigError(f"runs.{run}.train.gm_init: {init!r} is neither a run ({list(runs)}) nor a .safetensors "
+                          "export")
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+#: The samplers ``sample.method`` may name (the schema's enum; ``mmfm sample --method``).
+SAMPLERS = ("euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde", "flowmap", "dfm-euler")
+
+
+def _methods(section: dict | None) -> list:
+    method = (section or {}).get("method")
+    return ["euler"] if method is None else [method] if isinstance(method, str) else list(method)
+
+
+def samplers(config: dict, run: str) -> list[str]:
+    """The samplers of ``run``'s sample sets: ``sample.method`` (one name or a list; the run's own ``sample``
+    over the shared one), the headline sampler first. Its sets give ``final.json`` and the runs table's final
+    number; every sampler gives a curve over ``eval.nfe``."""
+    own = config["runs"][run].get("sample") or {}
+    return _methods(own if "method" in own else config.get("sample"))
+
+
+def sampler_dir(config: dict, run: str, sampler: str) -> str:
+    """Where a sampler's sets and NFE curve go below ``samples/<run>/`` and ``eval/<run>/``: ``""`` for the
+    run's headline sampler (``samples/<run>/nfe-N.npz``, ``eval/<run>/nfe_curve.csv``), ``"<sampler>/"`` for
+    the others (``samples/<run>/heun/nfe-N.npz``, ``eval/<run>/heun/nfe_curve.csv``)."""
+    return "" if sampler == samplers(config, run)[0] else f"{sampler}/"
+
+
+def sample_sets(config: dict, run: str, *, results: str | None = None,
+                name: str | None = None) -> list[tuple[str, int, str]]:
+    """Every sample set of ``run``, ``(sampler, nfe, stem)`` in sampler order (headline first), then NFE order;
+    ``stem`` is the path without ``.npz`` / ``.png``, under ``results`` (default :func:`results_dir`).
+    ``name``: the run as the paths spell it (``"{run}"`` for a rule's pattern)."""
+    results = results_dir(config) if results is None else results
+    name = run if name is None else name
+    return [(s, n, f"{results}/samples/{name}/{sampler_dir(config, run, s)}nfe-{n}")
+            for s in samplers(config, run) for n in nfes(config)]
+
+
+def nfe_curve_files(config: dict, run: str, *, results: str | None = None,
+                    name: str | None = None) -> dict[str, str]:
+    """``{sampler: its NFE curve}`` of ``run`` (``eval/<run>/nfe_curve.csv`` for the headline sampler,
+    ``eval/<run>/<sampler>/nfe_curve.csv`` for the others), in sampler order; arguments as :func:`sample_sets`."""
+    results = results_dir(config) if results is None else results
+    name = run if name is None else name
+    return {s: f"{results}/eval/{name}/{sampler_dir(config, run, s)}nfe_curve.csv" for s in samplers(config, run)}
+
+
+def sampler_groups(config: dict) -> dict[str, list[str]]:
+    """The runs grouped by their samplers, one ``sample`` and one ``evaluate`` rule per group (a rule's outputs
+    are patterns of its wildcards, so runs with other samplers, which write other files, need a rule of their own):
+    ``{rule suffix: runs}``, ``""`` (the rules ``sample``, ``sample_nodes``, ``evaluate``) for the runs sampled
+    with the shared ``sample.method``, ``"_<samplers>"`` for each other list (``sample_euler_heun``,
+    ``evaluate_euler_heun``; hyphens as underscores). Config order; the shared group first."""
+    shared = _methods(config.get("sample"))
+    groups: dict[tuple, list[str]] = {tuple(shared): []}
+    for run in run_names(config):
+        groups.setdefault(tuple(samplers(config, run)), []).append(run)
+    out: dict[str, list[str]] = {}
+    for key, runs in groups.items():
+        if not runs:
+            continue
+        suffix = "" if list(key) == shared else "_" + "_".join(key).replace("-", "_")
+        while suffix in out:  # (names of other samplers that join to the same words)
+            suffix += "_"
+        out[suffix] = runs
+    return out
+
+
+def _check_samplers(config: dict) -> None:
+    """``sample.method`` (shared, or a run's own): one sampler or a non-empty list of distinct ones."""
+    where = [("sample.method", config.get("sample"))]
+    where += [(f"runs.{r}.sample.method", config["runs"][r].get("sample")) for r in run_names(config)]
+    for key, section in where:
+        if not section or "method" not in section or section["method"] is None:
+            continue
+        listed = _methods(section)
+        if not listed:
+            raise ConfigError(f"{key}: an empty list; give one sampler or a list of them ({', '.join(SAMPLERS)}), "
+                              "the first being the headline sampler")
+        twice = sorted({s for s in listed if listed.count(s) > 1})
+        if twice:
+            raise ConfigError(f"{key}: {', '.join(twice)} listed more than once in {listed}; each sampler gives one "
+                              "curve")

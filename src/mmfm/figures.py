@@ -248,15 +248,34 @@ def fd_over_training(curves: dict[str, list], out, *, floor: float | None, sampl
                                         colors=colors), out)
 
 
-def fd_nfe_figure(curves: Mapping[str, Sequence], *, floor: float | None = None, samples: int | None = None,
+def _nfe_lines(curves: Mapping[str, object], sampler: str) -> dict[str, tuple[str, bool, Sequence]]:
+    """``{label: (run, headline, [[nfe, fd], ...])}``, one line per run and sampler. ``curves[name]`` is a run's
+    points, or ``{sampler: points}`` (summary.json's ``fd_over_nfe``, the headline sampler first): a run's only
+    sampler is labelled by the run when it is ``sampler`` (the figure's), every other line ``run (sampler)``."""
+    out = {}
+    for name, pts in curves.items():
+        if not isinstance(pts, Mapping):
+            out[name] = (name, True, pts)
+            continue
+        for i, (s, p) in enumerate(pts.items()):
+            label = name if len(pts) == 1 and s == sampler else f"{name} ({s})"
+            out[label] = (name, i == 0, p)
+    return out
+
+
+def fd_nfe_figure(curves: Mapping[str, object], *, floor: float | None = None, samples: int | None = None,
                   target: float | None = None, sampler: str = "euler",
                   colors: Mapping[str, str] | None = None) -> Figure:
     """The figure of :func:`fd_over_nfe`."""
-    fig, ax, drawn, cols = _curves_axes(curves, colors, "over NFE")
+    lines = _nfe_lines(curves, sampler)
+    runs = _colors(list(curves), colors)
+    fig, ax, drawn, cols = _curves_axes({label: pts for label, (_, _, pts) in lines.items()},
+                                        {label: runs[run] for label, (run, _, _) in lines.items()}, "over NFE")
     ticks = sorted({float(v) for x, _ in drawn.values() for v in x if v > 0})
-    for name, (x, y) in drawn.items():
-        keep = x > 0
-        ax.plot(x[keep], y[keep], "o-", ms=4.5, lw=1.6, color=cols[name], label=name)
+    for label, (x, y) in drawn.items():
+        keep, headline = x > 0, lines[label][1]
+        ax.plot(x[keep], y[keep], "o-" if headline else "s--", ms=4.5 if headline else 4, lw=1.6 if headline else 1.3,
+                color=cols[label], label=label)
     if floor is not None and floor > 0:
         ax.axhline(floor, **FLOOR_STYLE, label=_floor_label(floor, samples))
     if target is not None and target > 0:
@@ -266,21 +285,27 @@ def fd_nfe_figure(curves: Mapping[str, Sequence], *, floor: float | None = None,
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
     _plain_log_y(ax)
-    what = f"{samples} samples per point, {sampler} sampler" if samples else f"{sampler} sampler"
-    ax.set(xlabel=f"NFE: network evaluations per sample ({sampler})",
+    others = any(label != run for label, (run, _, _) in lines.items() if label in drawn)  # lines naming a sampler
+    what = f"{samples} samples per point" if samples else ""
+    what = f"{what}, {sampler} sampler" if not others else what
+    ax.set(xlabel=f"NFE: network evaluations per sample ({sampler})" if not others else
+           f"NFE: sampling steps ({sampler} unless the line names its sampler)",
            ylabel="Fréchet distance to the data (lower is better)",
-           title=f"Fréchet distance over sampling steps: {what}")
+           title="Fréchet distance over sampling steps" + (f": {what.lstrip(', ')}" if what else ""))
     ax.grid(True, which="major", alpha=0.35)
     _legend(ax)
     return fig
 
 
-def fd_over_nfe(curves: dict[str, list], out, *, floor: float | None, samples: int | None,
+def fd_over_nfe(curves: dict[str, object], out, *, floor: float | None, samples: int | None,
                 target: float | None, sampler: str = "euler", colors: Mapping[str, str] | None = None) -> Path:
-    """The final Fréchet distance against the number of function evaluations, one line per run, log-log
-    (x in base 2, the evaluated NFEs as its ticks). ``curves[name] = [[nfe, fd], ...]`` (empty lists are
-    skipped); ``floor`` (dashed): ``samples`` real rows vs the data; ``target`` (dotted): the baseline's
-    distance at its largest NFE, which :func:`mmfm.report.summarize` counts NFEs to."""
+    """The final Fréchet distance against the number of function evaluations, one line per run and sampler,
+    log-log (x in base 2, the evaluated NFEs as its ticks). ``curves[name] = [[nfe, fd], ...]``, or
+    ``{sampler: [[nfe, fd], ...]}`` (summary.json's ``fd_over_nfe``): one line per sampler in the run's colour,
+    the headline (first) sampler solid, the others dashed and labelled ``run (sampler)``; empty lists are
+    skipped. ``sampler``: the sampler of the unlabelled lines; ``floor`` (dashed grey): ``samples`` real rows vs
+    the data; ``target`` (dotted): the baseline's distance at its largest NFE, which
+    :func:`mmfm.report.summarize` counts NFEs to."""
     with _style():
         return _save(fd_nfe_figure(curves, floor=floor, samples=samples, target=target, sampler=sampler,
                                    colors=colors), out)

@@ -82,9 +82,12 @@ def _same(x, part: str) -> bool:
 # ------------------------------------------------------------------------------------------------ sections
 
 def _nfe_columns(summary: dict) -> list[tuple[str, int]]:
+    """``(sampler, NFE)`` of every distance over NFE: samplers in the order the runs list them (the first run's
+    headline sampler first), NFEs in numeric order."""
+    samplers = list(dict.fromkeys(s for r in summary["runs"].values() for s in (r.get("fd_over_nfe") or {})))
     cols = {(s, int(n)) for r in summary["runs"].values() for s, pts in (r.get("fd_over_nfe") or {}).items()
             for n, _ in pts}
-    return sorted(cols)
+    return sorted(cols, key=lambda c: (samplers.index(c[0]), c[1]))
 
 
 def runs_section(summary: dict) -> str:
@@ -92,7 +95,7 @@ def runs_section(summary: dict) -> str:
     fe = summary.get("fd_eval") or {}
     final = fe.get("final") or {}
     metric = "FID" if fe.get("metric") == "fid" else "Fréchet distance"
-    samplers = sorted({s for s, _ in nfe_cols})
+    samplers = {s for s, _ in nfe_cols}
     nfe_head = "".join(f"<th>{n}{'' if len(samplers) == 1 else f' ({e(s)})'}</th>" for s, n in nfe_cols)
     head1 = ('<tr><th rowspan="2">run</th><th rowspan="2">description</th><th rowspan="2">method</th>'
              '<th rowspan="2">source</th><th rowspan="2">coupling</th><th rowspan="2">conditioning</th>'
@@ -187,13 +190,21 @@ def curves_section(root: Path, summary: dict, figs: dict, notes: dict) -> str:
                       f"{e(fmt(tr.get('samples')))} real samples ({e(fmt(floor.get(str(tr.get('samples')))))}).", notes)
             + _figure(root, figs.get("fd_nfe"), "distance over NFE",
                       f"Distance of {e(fmt(fin.get('samples')))} samples of the final EMA network against the number of "
-                      f"{e(fmt(fin.get('sampler')))} steps; dashed: the floor at {e(fmt(fin.get('samples')))} samples "
-                      f"({e(fmt(floor.get(str(fin.get('samples')))))}); dotted: the baseline's target.", notes)
+                      f"{e(fmt(fin.get('sampler')))} steps, or of the sampler a line names, <i>run (sampler)</i> (a run's "
+                      "further samplers: dashed, in the run's colour); grey dashed: the floor at "
+                      f"{e(fmt(fin.get('samples')))} samples ({e(fmt(floor.get(str(fin.get('samples')))))}); dotted: the "
+                      "baseline's target.", notes)
             + "</div></section>")
 
 
+def _grids(spec: dict) -> dict[str, dict]:
+    """``{sampler: {nfe: png}}`` of a run of :func:`mmfm.report.collect` (headline sampler first)."""
+    return spec.get("sampler_grids") or {spec.get("sampler") or "euler": spec.get("grids", {})}
+
+
 def samples_section(root: Path, files: dict, summary: dict) -> str:
-    nfes = sorted({int(n) for spec in files["runs"].values() for n in spec.get("grids", {})})
+    nfes = sorted({int(n) for spec in files["runs"].values() for g in _grids(spec).values() for n in g})
+    fin = (summary.get("fd_eval") or {}).get("final") or {}
     data = GALLERY["data"]
     data_cell = (f'<figure>{_img(data, "data")}<figcaption>data (encoded and decoded)</figcaption></figure>'
                  if (root / data).is_file() else '<figure class="missing"><p>data grid: not there</p></figure>')
@@ -201,18 +212,22 @@ def samples_section(root: Path, files: dict, summary: dict) -> str:
     for n in nfes:
         cells = [data_cell]
         for name, spec in files["runs"].items():
-            path = spec["grids"].get(n)
-            rel = _rel(path, root) if path is not None else None
-            if rel and (root / rel).is_file():
-                cells.append(f'<figure><a href="{e(rel)}">{_img(rel, f"{name} at NFE {n}", "grid")}</a>'
-                             f'<figcaption>{e(name)}</figcaption></figure>')
-            else:
-                cells.append(f'<figure class="missing"><p>{e(name)} at NFE {n}: not there</p></figure>')
+            grids = _grids(spec)
+            for sampler, by_nfe in grids.items():
+                if n not in by_nfe:
+                    continue
+                label = name if len(grids) == 1 and sampler == fin.get("sampler") else f"{name} ({sampler})"
+                rel = _rel(by_nfe[n], root)
+                if rel and (root / rel).is_file():
+                    cells.append(f'<figure><a href="{e(rel)}">{_img(rel, f"{label} at NFE {n}", "grid")}</a>'
+                                 f'<figcaption>{e(label)}</figcaption></figure>')
+                else:
+                    cells.append(f'<figure class="missing"><p>{e(label)} at NFE {n}: not there</p></figure>')
         rows.append(f'<h3 id="nfe-{n}">NFE {n}</h3><div class="grids">{"".join(cells)}</div>')
-    fin = (summary.get("fd_eval") or {}).get("final") or {}
     return ('<section id="samples"><h2>Samples</h2><p class="note">The first 64 of each run\'s '
             f'{e(fmt(fin.get("samples")))} samples (the same noise for every run of a source), by the number of '
-            f'{e(fmt(fin.get("sampler")))} steps; small images are enlarged with nearest-neighbour pixels.</p>'
+            f'{e(fmt(fin.get("sampler")))} steps (of the sampler in brackets where one is named); small images are '
+            'enlarged with nearest-neighbour pixels.</p>'
             + "".join(rows) + "</section>")
 
 
@@ -318,9 +333,12 @@ def files_section(root: Path, files: dict) -> str:
                                       ("GMM", [p for g in files["gmm"].values() for p in (g, io.sidecar_path(g))])]
     for name, spec in files["runs"].items():
         run = Path(spec["run_dir"])
+        curves = list((spec.get("nfe_curves") or {"": spec["nfe_curve"]}).values())
+        sets = [Path(p).with_suffix(".npz") for g in _grids(spec).values() for _, p in sorted(g.items())]
+        if not spec.get("sampler_grids"):  # (a files dict without the layout: what is there)
+            sets = sorted(Path(spec["samples"]).parent.glob("nfe-*.npz"), key=_nfe_key)
         groups.append((name, [run / "ema.safetensors", run / "metrics.csv", run / "fd.csv", run / "train.log",
-                              spec["nfe_curve"], spec["final"],
-                              *sorted(Path(spec["samples"]).parent.glob("nfe-*.npz"), key=_nfe_key)]))
+                              *curves, spec["final"], *sets]))
     if files.get("toy_r10"):
         t = Path(files["toy_r10"])
         groups.append(("R^10 toy", [t, t.with_suffix(".csv"), t.with_suffix(".png")]))
@@ -430,7 +448,7 @@ def draw_figures(summary: dict, files: dict, *, strict: bool = True) -> dict[str
         f, n = floor_at("training")
         attempt("fd_training", "distance over training", lambda out: figures.fd_over_training(
             fd_curves, out, floor=f, samples=n, nfe=(fe.get("training") or {}).get("nfe"), colors=colors))
-    nfe_curves = {n: pts for n, r in runs.items() for pts in (r.get("fd_over_nfe") or {}).values() if pts}
+    nfe_curves = {n: r["fd_over_nfe"] for n, r in runs.items() if any((r.get("fd_over_nfe") or {}).values())}
     if nfe_curves:
         f, n = floor_at("final")
         attempt("fd_nfe", "distance over NFE", lambda out: figures.fd_over_nfe(

@@ -38,7 +38,9 @@ _LAYOUT = [
     (r"runs/[^/]+/step-\d+/[^/]+", None),
     (r"runs/([^/]+)/(ema\.safetensors|ema\.json|metrics\.csv|fd\.csv|train\.yaml)", "runs/{1}/ema.safetensors"),
     (r"samples/([^/]+)/(nfe-\d+)\.(npz|png)", "samples/{1}/{2}.npz"),
+    (r"samples/([^/]+)/([^/]+)/(nfe-\d+)\.(npz|png)", "samples/{1}/{2}/{3}.npz"),  # a further sampler's set
     (r"eval/([^/]+)/(nfe_curve\.csv|final\.json)", "eval/{1}/nfe_curve.csv"),
+    (r"eval/([^/]+)/([^/]+)/nfe_curve\.csv", "eval/{1}/{2}/nfe_curve.csv"),
     (r"toy_r10/r10\.(json|csv|png)", "toy_r10/r10.json"),
     (r"summary\.json|report/[^/]+", "summary.json"),
 ]

@@ -292,12 +292,14 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10
     """Write ``out`` (summary.json, atomically; nothing when ``None``) and return it.
 
     ``runs[name] = {"run_dir", "metric" ("fd" | "fid"), "nfe_curve", "samples", "final" (optional JSON),
-    "sampler" (default "euler"), "final_nfe", "final_samples", and the descriptors "description", "method",
+    "sampler" (default "euler"), "nfe_curves" (optional: ``{sampler: NFE curve}`` of every sampler, the headline
+    ``sampler``'s being ``nfe_curve``), "final_nfe", "final_samples", and the descriptors "description", "method",
     "source", "coupling", "conditioning", "model"}``.
 
     Per run: the descriptors, ``status`` ("complete": its NFE curve is there; else "missing"), ``final``
     (the distance at ``final_nfe`` with ``final_samples`` samples), ``fd_over_steps`` ``[[step, fd], ...]``
-    (fd.csv), ``fd_over_nfe`` ``{sampler: [[nfe, fd], ...]}`` (the NFE curve's last step),
+    (fd.csv), ``fd_over_nfe`` ``{sampler: [[nfe, fd], ...]}`` (each sampler's NFE curve at its last step, the
+    headline sampler first; the targets and ratios are the headline sampler's),
     ``steps_to_baseline_final`` (first evaluated step with fd <= the baseline's last fd.csv value,
     ``steps_target``), ``steps_ratio`` (the baseline's own such step / this run's), ``nfe_for_target``
     (smallest NFE of the curve with fd <= ``nfe_target``, default the baseline's fd at its largest NFE),
@@ -312,7 +314,7 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10
         raise ValueError(f"baseline {baseline!r} is not one of the runs {sorted(runs)}")
     read = _Reader(strict)
     read.missing += [{"path": str(p), "reason": "not there (yet)"} for p in absent]
-    data = {}
+    data, curves = {}, {}
     for name, spec in runs.items():
         if not {"run_dir", "metric"} <= set(spec):
             raise ValueError(f"runs[{name!r}]: needs 'run_dir' and 'metric', got {sorted(spec)}")
@@ -320,6 +322,11 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10
         nfe = _last_step(read(read_curve, spec.get("nfe_curve"), default=[]))
         data[name] = (read(read_curve, run_dir / FD_LOG, default=[]) if spec.get("fd_log", True) else [],
                       read(read_metrics, run_dir / METRICS, default=[]), nfe)
+        headline = spec.get("sampler") or "euler"
+        curves[name] = {headline: nfe}
+        for sampler, path in (spec.get("nfe_curves") or {}).items():
+            if sampler != headline:
+                curves[name][sampler] = _last_step(read(read_curve, path, default=[]))
     base_fd, _, base_nfe = data[baseline]
     steps_target = base_fd[-1]["fd"] if base_fd else None
     if nfe_target is None and base_nfe:
@@ -342,7 +349,7 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10
             "samples": str(spec["samples"]) if spec.get("samples") else None, "metric": spec["metric"],
             "final": final, "final_nfe": spec.get("final_nfe"), "final_samples": spec.get("final_samples"),
             "fd_over_steps": [[r["step"], r["fd"]] for r in fd],
-            "fd_over_nfe": {spec.get("sampler") or "euler": [[r["nfe"], r["fd"]] for r in nfe]},
+            "fd_over_nfe": {s: [[r["nfe"], r["fd"]] for r in rows] for s, rows in curves[name].items()},
             "steps_to_baseline_final": step, "steps_ratio": ratio(base_step, step),
             "nfe_for_target": n, "nfe_ratio": ratio(base_n, n),
             "final_loss": losses[-1] if losses else None, "steps": metrics[-1]["step"] if metrics else None,
@@ -368,24 +375,28 @@ def summarize(runs: dict[str, dict], *, baseline: str, out: Path | None, toy_r10
 def collect(config: dict, root=".") -> dict:
     """Every file the report reads for a validated ``config`` (the workflow's layout under ``results_dir``,
     relative to ``root``) and what each run is: ``{"results", "runs" (the ``runs`` argument of
-    :func:`summarize`, with ``grids``: ``{nfe: png}``), "baseline", "nfe_target", "shards", "gmm",
-    "toy_r10", "benchmarks", "fd_eval", "floor_sizes", "floor_rows"}``. Both the report job and ``mmfm report`` use it, so they read the same files."""
+    :func:`summarize`, with ``nfe_curves``: ``{sampler: csv}``, ``grids``: ``{nfe: png}`` of the headline
+    sampler and ``sampler_grids``: ``{sampler: {nfe: png}}`` of every sampler, headline first), "baseline",
+    "nfe_target", "shards", "gmm", "toy_r10", "benchmarks", "fd_eval", "floor_sizes", "floor_rows"}``. Both the report job and ``mmfm report`` use it, so they read the same files."""
     import mmfm.config as mc
 
     root = Path(root)
     res = root / mc.results_dir(config)
-    nfes, final_nfe = mc.nfes(config), mc.final_nfe(config)
+    final_nfe = mc.final_nfe(config)
     runs, train_eval = {}, []
     for name in mc.evaluated_runs(config):
         spec, train, sample = config["runs"][name], mc.train_settings(config, name), mc.sample_settings(config, name)
         if train.get("eval_every"):
             train_eval.append((int(train.get("eval_samples", 0)), int(train.get("eval_steps", 0))))
+        samplers, sets = mc.samplers(config, name), mc.sample_sets(config, name, results="")
+        sampler_grids = {s: {n: Path(f"{res}{stem}.png") for s_, n, stem in sets if s_ == s} for s in samplers}
         runs[name] = {
             "run_dir": res / "runs" / name, "metric": config["eval"]["metric"],
             "nfe_curve": res / "eval" / name / "nfe_curve.csv", "final": res / "eval" / name / "final.json",
+            "nfe_curves": {s: Path(f"{res}{p}") for s, p in mc.nfe_curve_files(config, name, results="").items()},
             "samples": res / "samples" / name / f"nfe-{final_nfe}.npz",
-            "grids": {n: res / "samples" / name / f"nfe-{n}.png" for n in nfes},
-            "sampler": sample.get("method", "euler"), "final_nfe": final_nfe, "final_samples": int(sample["n"]),
+            "grids": sampler_grids[samplers[0]], "sampler_grids": sampler_grids,
+            "sampler": samplers[0], "final_nfe": final_nfe, "final_samples": int(sample["n"]),
             "fd_log": bool(train.get("eval_every")),
             "description": spec.get("description"), "method": spec.get("method", "fm"), "source": spec["source"],
             "coupling": spec["coupling"], "conditioning": spec.get("conditioning", "none"),
@@ -430,7 +441,7 @@ def fd_floor(shards, sizes, rows: int = 4096, draws: int = 5, seed: int = 0) -> 
             break
     x = np.concatenate(parts)
     rng, out = np.random.default_rng(seed), {}
-    warnings.filterwarnings("ignore", "Matrix is singular", module="pytorch_fid")  # pixels constant at borders
+    warnings.filterwarnings("ignore", "Matrix is singular", module=r"pytorch_fid|mmfm\.metrics")  # constant border pixels
     for n in sizes:
         if n < 2 or len(x) - n < 2:
             continue

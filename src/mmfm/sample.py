@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfm.flow.solvers import SOLVERS, solve_ode
+from mmfm.flow.solvers import GM_SOLVERS, SOLVERS, gm_substeps, solve_gm, solve_ode
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import time_grid
 from mmfm.io import atomic_path
@@ -85,20 +85,41 @@ def draw_starts(source, indices, seed: int, *, conditioning: str = "none", num_c
     return torch.cat(xs) if xs else torch.zeros(0, *source.event_shape), k, y
 
 
+def source_component(source, modes: torch.Tensor | None, device):
+    """``(m (n, N, D), var0 (n,))`` float32 of each row's Gaussian source component, the GMM mode it was drawn
+    from (spherical GMM), or ``(None, None)`` for ``N(0, I)`` (GMFlow's solvers, :func:`mmfm.flow.solvers.solve_gm`)."""
+    if not isinstance(source, GaussianMixtureSource):
+        return None, None
+    if source.covariance != "spherical":
+        raise ValueError("source: GM-ODE / GM-SDE need a spherical GMM (one variance per mode, shared by the "
+                         f"row's cells); this one is {source.covariance}")
+    idx = modes.to(source.means.device)
+    return (source.means[idx].to(device=device, dtype=torch.float32),
+            source.variances[idx].to(device=device, dtype=torch.float32))
+
+
 def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str = "none", num_classes: int = 0,
                    modes: torch.Tensor | None = None, labels: torch.Tensor | None = None, steps: int = 50,
                    method: str = "euler", shift: float = 1.0, end: float = 1.0, batch_size: int = 64,
                    rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                   progress: bool = False) -> SampleSet:
+                   progress: bool = False, gm: dict | None = None) -> SampleSet:
     """This process's part (indices ``rank::world_size``) of an ``n``-sample set: noise from ``source``
     (a :class:`GaussianSource` or :class:`GaussianMixtureSource`) integrated from ``t = 0`` over
-    ``time_grid(steps, shift, end)`` with ``method`` (``euler``, ``heun``, ``midpoint``, ``dopri5``)."""
+    ``time_grid(steps, shift, end)`` with ``method`` (``euler``, ``heun``, ``midpoint``, ``dopri5``).
+
+    ``gm-ode`` / ``gm-sde`` (GMFlow, :func:`mmfm.flow.solvers.solve_gm`): ``velocity`` is then the GM network
+    (it returns a :class:`~mmfm.flow.gm.GMOutput`), ``steps`` its network calls, each row's source component
+    its mode's (:func:`source_component`), and ``gm`` holds ``substeps`` (None: ``gm_substeps(steps)``; 1 for
+    GM-SDE), ``order`` [2], ``guidance`` (None, or ``{"guide", "scale", "interval", "orthogonal"}``: the guide
+    network, called with the batch's conditioning, of a :class:`~mmfm.flow.guidance.ProbabilisticGuidance`) and
+    ``gm2_coefs`` [(0.005, 1.0)]. The fine grid is ``time_grid(steps * substeps, shift, end)``. GM-SDE's noise
+    comes from a generator seeded by ``(seed, first index of the batch)``: its set depends on how it is batched."""
     from mmfm.progress import progress as tqdm
 
     if not isinstance(source, (GaussianSource, GaussianMixtureSource)):
         raise ValueError(f"source: expected a GaussianSource or GaussianMixtureSource, got {type(source).__name__}")
-    if method not in SOLVERS:
-        raise ValueError(f"method: expected one of {SOLVERS}, got {method!r}")
+    if method not in SOLVERS + GM_SOLVERS:
+        raise ValueError(f"method: expected one of {SOLVERS + GM_SOLVERS}, got {method!r}")
     for key, value in (("n", n), ("batch_size", batch_size), ("world_size", world_size)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
@@ -107,7 +128,11 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
     for name, given in (("modes", modes), ("labels", labels)):
         if given is not None and tuple(given.shape) != (n,):
             raise ValueError(f"{name}: expected shape ({n},) (one per sample of the set), got {tuple(given.shape)}")
-    grid = time_grid(steps, shift=shift, end=end, device=device, dtype=torch.float32)
+    gm = dict(gm or {})
+    sub = 1
+    if method in GM_SOLVERS:
+        sub = 1 if method == "gm-sde" else (gm.get("substeps") or gm_substeps(steps))
+    grid = time_grid(steps * sub, shift=shift, end=end, device=device, dtype=torch.float32)
     mine = torch.arange(rank, n, world_size)
     out, ks, ys, nfe = [], [], [], 0
     for lo in tqdm(range(0, len(mine), batch_size), desc="sample", unit="batch", disable=not progress):
@@ -117,7 +142,22 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
         cond = {"mode": k, "class": y}.get(conditioning)
         kw = {} if cond is None else {"y": cond.to(device)}
         with torch.no_grad():
-            res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
+            if method in GM_SOLVERS:
+                m, var0 = source_component(source, k, device)
+                gen = torch.Generator(device=device).manual_seed(sample_seed(seed + 1, int(idx[0])))
+                guidance = None
+                if gm.get("guidance"):  # the guide gets the batch's conditioning too (a mode-conditional guide)
+                    from mmfm.flow.guidance import ProbabilisticGuidance
+
+                    g = gm["guidance"]
+                    guidance = ProbabilisticGuidance(lambda x, t, net=g["guide"]: net(x, t, **kw), g["scale"],
+                                                     g.get("interval", (0.0, 1.0)), g.get("orthogonal", 1.0))
+                res = solve_gm(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, substeps=sub,
+                               order=int(gm.get("order", 2)), mode=method.removeprefix("gm-"), m=m, var0=var0,
+                               guidance=guidance, generator=gen,
+                               gm2_coefs=tuple(gm.get("gm2_coefs") or (0.005, 1.0)))
+            else:
+                res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
         out.append(res.x.float().cpu())
         nfe += res.nfe
         if k is not None:
@@ -222,7 +262,12 @@ class NetworkPrecision(torch.nn.Module):
         if self.precision == "fp32":
             return self.network(x, t, **cond)
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.network(x, t, **cond).float()
+            out = self.network(x, t, **cond)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        from mmfm.flow.gm import GMOutput  # a GMFlow network's mixture, in float32
+
+        return GMOutput(out.means.float(), out.logits.float(), out.logstd.float())
 
 
 def noise_source(source: str | os.PathLike, shape: tuple[int, int]):
@@ -416,7 +461,9 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
                method: str = "euler", shift: float = 1.0, end: float = 1.0, guide: str | os.PathLike | None = None,
                guidance_scale: float = 1.0, guidance_interval=(0.0, 1.0), cfg_scale: float = 1.0, norm=None,
                batch_size: int = 64, device: str = "cpu", grid: str | os.PathLike | None = None,
-               progress: bool = True, precision: str = "fp32") -> dict:
+               progress: bool = True, precision: str = "fp32", gm_substeps: int | None = None, gm_order: int = 2,
+               gm_guidance_scale: float = 0.0, gm_orthogonal: float = 1.0, gm_guidance_interval=(0.0, 1.0),
+               gm2_coefs=(0.005, 1.0)) -> dict:
     """The sampling stage: an exported velocity network (``mmfm.models.velocity.load_velocity_model``;
     its metadata gives the conditioning and the latent shape), noise from ``source`` (``"gaussian"`` or
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
@@ -426,6 +473,12 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
     (:class:`NetworkPrecision`), as the release sampled; the ODE state and noise stay float32. The ``.npz``
     also holds ``meta``, a JSON string of the settings (precision, steps, NFE, seed, model, guide, source).
     Returns what it wrote and the NFE per sample.
+
+    ``method`` ``gm-ode`` / ``gm-sde`` samples a GMFlow export's mixture (:func:`sample_latents`; the other
+    methods sample any export, a GMFlow one by its mean velocity): ``gm_substeps``, ``gm_order``, ``gm2_coefs``,
+    and probabilistic autoguidance by ``guide`` (a velocity or GMFlow export) at ``gm_guidance_scale`` in
+    ``[0, 1)`` (0: off) over ``gm_guidance_interval``, with ``gm_orthogonal``; ``guidance_scale`` and
+    ``cfg_scale`` apply to the velocity samplers only.
 
     An export of ``mmfm train`` records its tokenizer and source (:func:`mmfm.train.loop.export_meta`), so the
     model alone suffices: ``tokenizer`` (a loaded one) or ``encoder`` (:func:`tokenizer_spec`'s overrides),
@@ -444,9 +497,19 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
 
     meta = read_metadata(model)
     cond, shape = meta["conditioning"], _model_shape(meta)
-    guided = guide is not None and guidance_scale != 1.0
+    gm_sampler = method in GM_SOLVERS
+    if gm_sampler and meta.get("head", "velocity") != "gm":
+        raise ValueError(f"sample.method: {method} samples a GMFlow network's mixture; {model} is a velocity "
+                         "network (method fm): sample it with euler, heun, midpoint or dopri5")
+    if gm_sampler and not 0.0 <= gm_guidance_scale < 1.0:
+        raise ValueError(f"gm_guidance_scale: expected a value in [0, 1) (0: off), got {gm_guidance_scale}")
+    if gm_sampler and gm_guidance_scale > 0 and guide is None:
+        raise ValueError("gm_guidance_scale: probabilistic guidance needs a guide (sample.guide / --guide)")
+    guided = guide is not None and (gm_guidance_scale > 0 if gm_sampler else guidance_scale != 1.0)
     if guided:
         check_guide(model, meta, guide, read_metadata(guide))
+    if gm_sampler and cfg_scale != 1.0:
+        raise ValueError(f"cfg_scale: {method} takes probabilistic guidance (gm_guidance_scale), not CFG")
     if cfg_scale != 1.0 and (cond != "class" or meta.get("null_label") is None):
         raise ValueError(f"{model}: classifier-free guidance needs a class-conditional model with a null label")
     source = resolve_source(model, meta, source)
@@ -460,8 +523,21 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
                              f"{err}") from None
     check_tokenizer(model, meta, tokenizer, norm)
 
-    velocity = NetworkPrecision(load_velocity_model(model, device), precision)
-    if guided:
+    gm = None
+    if gm_sampler:
+        from mmfm.models.velocity import load_gm_model
+
+        velocity = NetworkPrecision(load_gm_model(model, device), precision)
+        probabilistic = None
+        if guided:  # a GMFlow guide gives its mixture; any other its velocity (MM-FM's autoguide)
+            gnet = NetworkPrecision((load_gm_model if read_metadata(guide).get("head") == "gm" else
+                                     load_velocity_model)(guide, device), precision)
+            probabilistic = {"guide": gnet, "scale": gm_guidance_scale, "interval": tuple(gm_guidance_interval),
+                             "orthogonal": gm_orthogonal}
+        gm = {"substeps": gm_substeps, "order": gm_order, "guidance": probabilistic, "gm2_coefs": gm2_coefs}
+    else:
+        velocity = NetworkPrecision(load_velocity_model(model, device), precision)
+    if guided and not gm_sampler:
         velocity = Autoguidance(velocity, NetworkPrecision(load_velocity_model(guide, device), precision),
                                 guidance_scale, guidance_interval)
     if cfg_scale != 1.0:
@@ -471,7 +547,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
         else (0, 1)
     got = sample_latents(velocity, src, n, seed=seed, conditioning=cond, num_classes=meta["num_classes"],
                          steps=steps, method=method, shift=shift, end=end, batch_size=batch_size, rank=rank,
-                         world_size=world, device=device, progress=progress and rank == 0)
+                         world_size=world, device=device, progress=progress and rank == 0, gm=gm)
     images = decode_latents(tokenizer, got.latents, norm, batch_size)
     labels = None if got.labels is None else got.labels.numpy()
     nfe_per_sample = got.nfe / max(1, -(-len(got.index) // batch_size))
@@ -481,6 +557,10 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
                 "n": n, "seed": seed, "steps": steps, "method": method, "shift": shift, "end": end,
                 "guidance_scale": guidance_scale, "cfg_scale": cfg_scale, "precision": precision,
                 "nfe_per_sample": nfe_per_sample, "conditioning": cond}
+    if gm_sampler:
+        settings.update(gm_substeps=gm_substeps, gm_order=gm_order, gm_guidance_scale=gm_guidance_scale,
+                        gm_orthogonal=gm_orthogonal, gm_guidance_interval=list(gm_guidance_interval),
+                        gm2_coefs=list(gm2_coefs))
     if rank == 0:
         save_npz(out, images, labels, meta=settings)
         if grid is not None:

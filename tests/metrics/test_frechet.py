@@ -158,3 +158,25 @@ def test_loading_never_unpickles(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.npz: cannot read reference statistics without unpickling"):
         load_stats(path)
     assert not trap.exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*disp.*:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_equals_pytorch_fid_with_constant_features():
+    """Rank-deficient covariances (the demo's constant border pixels): the same number as pytorch-fid's."""
+    a, b = features(5, n=300, d=6, offset=0.0), 1.5 * features(6, n=200, d=6, offset=0.3)
+    a[:, 2], b[:, 2] = 0.0, 0.0  # a constant feature: singular covariances
+    mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    assert frechet_distance(mu1, s1, mu2, s2) == float(calculate_frechet_distance(mu1, s1, mu2, s2))
+
+
+def test_the_distance_needs_neither_pytorch_fid_nor_torchvision():
+    """Jobs that only compute distances (evaluate, train's fd.csv, report) do not pay pytorch-fid's import of
+    torchvision (and torch._dynamo): seconds of every job's start-up."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmfm.train.evaluate, mmfm.report; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'pytorch_fid', 'torchvision'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmfm import config as mc
 from mmfm.cli import main
 from mmfm.plan import GPUS, PlanError, build_plan
 from mmfm.plan.load import read_configfile, validate
@@ -70,8 +71,10 @@ def test_demo_json_is_the_last_line_after_the_totals(capsys, tmp_path):
     assert lines[-3].startswith("total disk: ") and lines[-2].startswith("total GPU-hours: ")
     d = json.loads(lines[-1])
     assert {"rules", "total_bytes", "total_gpu_hours"} <= set(d)
+    own = [s for s in mc.sampler_groups(yaml.safe_load((ROOT / "config.yaml").read_text())) if s]
     assert set(d["rules"]) == {"export_digits", "encode", "fit_cls_gmm", "spatial_stats", "spatial_gmm", "train",
-                               "sample", "evaluate", "toy_r10", "report", "all"}
+                               "sample", "evaluate", "toy_r10", "report", "all",
+                               *(f"{rule}{s}" for s in own for rule in ("sample", "evaluate"))}  # runs' own samplers
     for rule, r in d["rules"].items():
         assert KEYS <= set(r), rule
         assert r["fits"] and r["why"] == []
@@ -111,7 +114,7 @@ def test_gpu_memory_and_runtime_against_the_gpu_and_the_profile(tmp_path):
     assert {(c["num_tokens"], c["token_dim"], c["num_modes"]) for c in trace.calls} == {(16, 12, 32)}
     assert train.gpu_memory_bytes_per_rank == 50 * 2**30
     hours = 200 * 2 * 10**14 / (0.4 * 19.5e12) / 3600  # config.yaml: 200 steps in fp32 (the fp32 peak)
-    assert train.gpu_hours == pytest.approx(4 * 2 * hours)  # 4 runs of 2 GPUs
+    assert train.gpu_hours == pytest.approx(len(yaml.safe_load((ROOT / "config.yaml").read_text())["runs"]) * 2 * hours)  # every run of config.yaml, 2 GPUs each
     why = "\n".join(train.why)
     assert "train gauss-indep: GPU memory per rank 50.0 GiB" in why and "> a100-40gb's 40.0 GiB" in why
     # 85 min of training in allocations of 30 - 5 (stop lead) - 5 (restart) = 20 min: 5 > retries 1 + 1
@@ -189,3 +192,23 @@ def test_results_dir_names_the_files_and_keeps_the_bytes(capsys, tmp_path):
     moved, moved_total = files(demo(tmp_path, results_dir="out/mine"))
     assert moved_total == total and len(default) > 10
     assert moved == [("out/mine" + p[len("results"):], n, c) for p, n, c in default]
+
+
+def test_a_second_sampler_counts_its_sets_and_its_curve(tmp_path):
+    """sample.method [euler, heun] on one run: its one sample job writes both samplers' sets (heun's under
+    samples/<run>/heun/, the method in each set's meta), its evaluate job both curves, the page both grids."""
+    one = build_plan(demo(tmp_path), gpu=GPUS["a100-80gb"], root=tmp_path, cache=None, disk=10**12)
+    cfg = demo(tmp_path, runs={"gmm-mode": {"sample": {"method": ["euler", "heun"]}}})
+    two = build_plan(cfg, gpu=GPUS["a100-80gb"], root=tmp_path, cache=None, disk=10**12)
+    nfes = yaml.safe_load((ROOT / "config.yaml").read_text())["eval"]["nfe"]
+    files = {f.path: f for f in two.rules["sample_euler_heun"].files}
+    assert two.rules["sample_euler_heun"].jobs == 1 and len(two.rules["sample_euler_heun"].per_job) == 2 * len(nfes)
+    for n in nfes:
+        euler, heun = files[f"results/samples/gmm-mode/nfe-{n}.npz"], files[f"results/samples/gmm-mode/heun/nfe-{n}.npz"]
+        assert abs(heun.nbytes - euler.nbytes) <= 16  # the same arrays; the meta JSON says heun, its evaluations
+        assert f"results/samples/gmm-mode/heun/nfe-{n}.png" in files
+    assert {f.path for f in two.rules["evaluate_euler_heun"].files} == {
+        "results/eval/gmm-mode/nfe_curve.csv", "results/eval/gmm-mode/heun/nfe_curve.csv", "results/eval/gmm-mode/final.json"}
+    assert two.rules["sample"].jobs == one.rules["sample"].jobs - 1
+    page = lambda p: next(f.nbytes for f in p.rules["report"].files if f.path.endswith("page.html"))  # noqa: E731
+    assert page(two) > page(one)  # heun's grids inlined too

@@ -12,6 +12,7 @@ import pytest
 from toyrun import standin_tree
 import yaml
 
+from mmfm import config as mc
 from mmfm.plan import dag
 from mmfm.plan.load import read_configfile, validate
 
@@ -54,7 +55,9 @@ def test_a_guide_only_run_and_groups_follow_the_dag(tmp_path):
     configfile = tmp_path / "cfg.yaml"
     configfile.write_text(yaml.safe_dump(cfg))
     planned = planned_counts(configfile, tmp_path)
-    assert planned["train"] == 4 and planned["train_nodes"] == 1 and planned["spatial_stats"] == 1
+    # every run of config.yaml (one of them the two-node gmm-indep) and the guide; not the unused run
+    assert planned["train"] + planned["train_nodes"] == len(cfg["runs"]) - 1
+    assert planned["train_nodes"] == 1 and planned["spatial_stats"] == 1
     assert planned == dry_run_counts(tmp_path, "--configfile", str(configfile))
 
 
@@ -71,7 +74,33 @@ def test_preset_jobs_follow_the_config(preset, tmp_path):
     cfg = yaml.safe_load(preset.read_text())
     runs = cfg["runs"]
     evaluated = [r for r in runs if runs[r].get("evaluate", True)]
+    # trained: the evaluated runs, their guides, and the velocity runs their GMFlow heads start from
+    needed = {(runs[r].get("sample") or {}).get("guide") for r in evaluated} | \
+        {(runs[r].get("train") or {}).get("gm_init") for r in evaluated}
+    trained = [r for r in runs if r in evaluated or r in needed]
+    per_run = Counter()  # one sample and one evaluate job per evaluated run, in the rules of its samplers
+    for suffix, members in mc.sampler_groups(cfg).items():
+        n = len([r for r in members if r in evaluated])
+        per_run.update({f"sample{suffix}": n, f"evaluate{suffix}": n})
     assert planned_counts(preset, tmp_path) == Counter({
         "encode": cfg["shards"]["num_shards"], "fit_cls_gmm": 1, "spatial_stats": cfg["spatial"]["groups"],
-        "spatial_gmm": 1, "train": len(runs), "sample": len(evaluated) * len(cfg["eval"]["nfe"]),
-        "evaluate": len(evaluated), "toy_r10": 1, "report": 1, "all": 1})
+        "spatial_gmm": 1, "train": len(trained), "toy_r10": 1, "report": 1, "all": 1}) + per_run
+
+
+def test_runs_with_their_own_samplers_are_jobs_of_their_own_rules(tmp_path):
+    """One sample job per run whatever its samplers; a run whose sample.method is not the shared one is a job of
+    sample_<samplers> / evaluate_<samplers>, as in the workflow; a run over two nodes of sample_<...>_nodes."""
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg["runs"] = {r: cfg["runs"][r] for r in ("gauss-indep", "gmm-indep", "gmm-mode")}
+    cfg["runs"]["gmm-mode"]["sample"] = {"method": ["euler", "heun"]}
+    cfg["runs"]["gmm-indep"]["sample"] = {"method": ["euler", "heun"]}
+    cfg["runs"]["gmm-indep"]["resources"] = {"sample": {"nodes": 2, "gpus_per_node": 0}}
+    configfile = tmp_path / "cfg.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    planned = planned_counts(configfile, tmp_path)
+    assert (planned["sample"], planned["sample_euler_heun"], planned["sample_euler_heun_nodes"]) == (1, 1, 1)
+    assert (planned["evaluate"], planned["evaluate_euler_heun"]) == (1, 2)
+    assert planned == dry_run_counts(tmp_path, "--configfile", str(configfile))
+    jobs = dag.jobs(validate(read_configfile(configfile), tmp_path)[0])
+    assert list(jobs).index("sample_euler_heun") < list(jobs).index("evaluate") < list(jobs).index("evaluate_euler_heun")
+    assert jobs["sample_euler_heun_nodes"][0].resources["nodes"] == 2

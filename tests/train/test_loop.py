@@ -19,7 +19,7 @@ from toyrun import META, assert_close_weights, assert_identical, config, metric_
 
 from mmfm.data import shards
 from mmfm.train import loop
-from mmfm.train import step as step_module
+from mmfm.train import objective as objective_module  # where the step's loss is computed
 from mmfm.train.config import TrainConfig
 from mmfm.train.evaluate import read_fd
 from mmfm.train.loop import NonFiniteLoss, TrainingInterrupted, train
@@ -174,7 +174,7 @@ def test_resume_refuses_other_settings(toy, tmp_path):
 
 SCRIPT = """
 import json, sys, time, torch
-from mmfm.train import loop, step
+from mmfm.train import loop, objective as step  # the objective computes the step's loss
 torch.set_num_threads(1)
 slow = step.velocity_loss
 def velocity_loss(*a, **k):  # slow the steps down so that the parent can kill mid-run
@@ -251,14 +251,14 @@ def test_stop_signal_checkpoints_and_exits(toy, tmp_path, signum):
 def test_nonfinite_loss_stops_and_keeps_the_checkpoint(toy, tmp_path, monkeypatch):
     root, _ = toy
     calls = {"n": 0}
-    real = step_module.velocity_loss
+    real = objective_module.velocity_loss
 
     def poisoned(v, u, **kw):  # micro-batch 8 x 2: step 13 (0-based) holds calls 26 and 27
         calls["n"] += 1
         loss = real(v, u, **kw)
         return loss * float("nan") if calls["n"] == 27 else loss
 
-    monkeypatch.setattr(step_module, "velocity_loss", poisoned)
+    monkeypatch.setattr(objective_module, "velocity_loss", poisoned)
     cfg = config(root, steps=20, checkpoint_every=10, log_every=4)  # read back at steps 12 and 16
     with pytest.raises(NonFiniteLoss, match="at step 13") as info:
         train(cfg, root / "shards", tmp_path, progress=False)
@@ -266,7 +266,7 @@ def test_nonfinite_loss_stops_and_keeps_the_checkpoint(toy, tmp_path, monkeypatc
     assert [p.name for p in tmp_path.glob("step-*")] == ["step-0000010"]
     assert not (tmp_path / "ema.safetensors").exists()
     # the checkpoint is intact: resuming without the poison reaches the end like an uninterrupted run
-    monkeypatch.setattr(step_module, "velocity_loss", real)
+    monkeypatch.setattr(objective_module, "velocity_loss", real)
     ref = train(cfg, root / "shards", tmp_path / "ref", progress=False)
     res = train(cfg, root / "shards", tmp_path, progress=False)
     assert res["resumed_from"].name == "step-0000010"

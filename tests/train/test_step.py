@@ -7,7 +7,7 @@ import torch
 from mmfm import _checks
 from mmfm.bench.train import HostSyncCounter, _bench_step
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource, row_noise
-from mmfm.train import step as step_module
+from mmfm.train import objective as objective_module  # where the step's loss is computed
 from mmfm.train.step import noise_seeds
 
 
@@ -42,8 +42,8 @@ def test_a_non_finite_step_is_not_applied(one_thread, monkeypatch):
     moments = {id(p): s["exp_avg"].clone() for p, s in step.optimizer.state.items()}
     counts = {id(p): s["step"].clone() for p, s in step.optimizer.state.items()}
     table = step.weighting.ema.clone()
-    real = step_module.velocity_loss
-    monkeypatch.setattr(step_module, "velocity_loss", lambda v, u, **kw: real(v, u, **kw) * float("nan"))
+    real = objective_module.velocity_loss
+    monkeypatch.setattr(objective_module, "velocity_loss", lambda v, u, **kw: real(v, u, **kw) * float("nan"))
     out = step(inputs["x1"], inputs["cls"], inputs["label"], step=1)
     assert not bool(out["finite"])
     for k, v in model.state_dict().items():
@@ -51,7 +51,7 @@ def test_a_non_finite_step_is_not_applied(one_thread, monkeypatch):
     for p, s in step.optimizer.state.items():
         assert torch.equal(s["exp_avg"], moments[id(p)]) and torch.equal(s["step"], counts[id(p)])
     assert torch.equal(step.weighting.ema, table)
-    monkeypatch.setattr(step_module, "velocity_loss", real)
+    monkeypatch.setattr(objective_module, "velocity_loss", real)
     out = step(inputs["x1"], inputs["cls"], inputs["label"], step=2)
     assert bool(out["finite"]) and any(not torch.equal(v, before[k]) for k, v in model.state_dict().items())
 

@@ -67,7 +67,8 @@ def test_warmup_in_optimizer_steps_from_the_releases_micro_batches():
 # 1024): XL DINOv2 mode 32, uncond-GMM 8; SigLIP2 8 / 4; MAE 16 / 4; the DiTDH-S guides 2 (DINOv2's, used
 # for every encoder here). Runs without adaptive weighting (the Gaussian baselines) are absent.
 RELEASE_ACCUMULATION = {
-    "imagenet256-dinov2": {"gmm": 8, "mode-gmm": 32, "guide-gmm": 2, "guide-mode-gmm": 2},
+    "imagenet256-dinov2": {"gmm": 8, "mode-gmm": 32, "guide-gmm": 2, "guide-mode-gmm": 2,
+                           "gm-mode-gmm": 32},  # GMFlow on mode-gmm: its batch arithmetic
     "imagenet256-siglip2": {"gmm": 4, "mode-gmm": 8, "guide-gmm": 2, "guide-mode-gmm": 2},
     "imagenet256-mae": {"gmm": 4, "mode-gmm": 16, "guide-gmm": 2, "guide-mode-gmm": 2},
 }

@@ -33,8 +33,10 @@ def test_default_config_is_valid():
 
 
 def test_default_runs_differ_only_in_source_coupling_conditioning():
+    """The demo's MM-FM runs differ only in source, coupling and conditioning; its GMFlow run (method gmflow)
+    only in its method besides (tests/workflow/test_config_gmflow.py)."""
     cfg = default_config()
-    settings = {r: mc.train_settings(cfg, r) for r in mc.run_names(cfg)}
+    settings = {r: mc.train_settings(cfg, r) for r in mc.run_names(cfg) if mc.run_method(cfg, r) == "fm"}
     assert len(settings) == 4
     strip = [{k: v for k, v in s.items() if k not in mc.RUN_TRAIN_KEYS} for s in settings.values()]
     assert all(s == strip[0] for s in strip)
@@ -48,7 +50,7 @@ def test_schema_train_keys_are_train_config_fields():
     schema = yaml.safe_load(SCHEMA.read_text())
     listed = set(schema["$defs"]["train"]["properties"])
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    set_by_workflow = {"source", "coupling", "conditioning", "gmm", "cls_gmm", "data_fingerprint"}
+    set_by_workflow = {"source", "coupling", "conditioning", "method", "gmm", "cls_gmm", "data_fingerprint"}
     assert listed == fields - set_by_workflow
 
 
@@ -269,3 +271,52 @@ def test_results_dir_moves_every_output(tmp_path):
                                                                                      ".safetensors", ".npz"))]
     assert paths and all(p.rstrip(",").startswith("mine/out/") for p in paths), paths[:20]
     assert "mine/out/summary.json" in res.stdout
+
+
+def test_sample_method_is_a_sampler_or_a_list_of_them():
+    """sample.method, shared or a run's own: one sampler or a list, the first the headline sampler; the schema
+    takes the names, mmfm.config.check refuses an empty list and a sampler listed twice, naming the key."""
+    cfg = default_config()
+    cfg["sample"]["method"] = "heun"
+    cfg["runs"]["gmm-mode"]["sample"] = {"method": ["euler", "dopri5"]}
+    assert problems(cfg) == []
+    assert mc.samplers(cfg, "gauss-indep") == ["heun"] and mc.samplers(cfg, "gmm-mode") == ["euler", "dopri5"]
+    assert mc.sampler_dir(cfg, "gmm-mode", "euler") == "" and mc.sampler_dir(cfg, "gmm-mode", "dopri5") == "dopri5/"
+    sets = mc.sample_sets(cfg, "gmm-mode")
+    assert len(sets) == 2 * len(cfg["eval"]["nfe"]) and sets[0] == ("euler", 1, "results/samples/gmm-mode/nfe-1")
+    assert ("dopri5", 16, "results/samples/gmm-mode/dopri5/nfe-16") in sets
+    assert mc.nfe_curve_files(cfg, "gmm-mode") == {"euler": "results/eval/gmm-mode/nfe_curve.csv",
+                                                   "dopri5": "results/eval/gmm-mode/dopri5/nfe_curve.csv"}
+    assert mc.nfe_curve_files(cfg, "gmm-mode", results="out", name="{run}")["dopri5"] == \
+        "out/eval/{run}/dopri5/nfe_curve.csv"
+    groups = mc.sampler_groups(cfg)
+    assert groups[""] == [r for r in mc.run_names(cfg) if mc.samplers(cfg, r) == ["heun"]]
+    assert groups["_euler_dopri5"] == ["gmm-mode"]
+    mc.check(cfg, ROOT)
+    del cfg["sample"]["method"]
+    assert mc.samplers(cfg, "gauss-indep") == ["euler"]  # the default
+
+    for bad, message in (("rk4", "'rk4' is not one of"), (["euler", "rk4"], "'rk4' is not one of"),
+                         ({"a": 1}, "is not of type 'array'")):
+        cfg = default_config()
+        cfg["sample"]["method"] = bad
+        assert any(line.startswith("sample.method:") and message in line for line in problems(cfg)), problems(cfg)
+    cfg = default_config()
+    cfg["runs"]["gmm-mode"]["sample"] = {"method": ["heun", "rk4"]}
+    assert any(line.startswith("runs.gmm-mode.sample.method:") for line in problems(cfg)), problems(cfg)
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["sample"].update(method=[]), "sample.method: an empty list"),
+    (lambda c: c["runs"]["gmm-mode"].update(sample={"method": []}), "runs.gmm-mode.sample.method: an empty list"),
+    (lambda c: c["runs"]["gmm-mode"].update(sample={"method": ["heun", "euler", "heun"]}),
+     "runs.gmm-mode.sample.method: heun listed more than once"),
+    (lambda c: c["sample"].update(method=["euler", "euler"]), "sample.method: euler listed more than once"),
+])
+def test_a_bad_sampler_list_names_its_key(edit, expected):
+    cfg = default_config()
+    edit(cfg)
+    assert problems(cfg) == []
+    with pytest.raises(mc.ConfigError) as err:
+        mc.check(cfg, ROOT)
+    assert str(err.value).startswith(expected), str(err.value)

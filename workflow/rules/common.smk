@@ -4,8 +4,8 @@
 #   results/gmm/cls.safetensors          CLS GMM (+ .json, _weights.png)
 #   results/gmm/partials/group-XXXX.safetensors, results/gmm/spatial.safetensors
 #   results/runs/{run}/                  checkpoints, metrics.csv, fd.csv, ema.safetensors
-#   results/samples/{run}/nfe-{nfe}.npz  (+ .png grid)
-#   results/eval/{run}/nfe_curve.csv, final.json
+#   results/samples/{run}/nfe-{nfe}.npz  (+ .png grid; another sampler S than the headline one: {run}/S/nfe-{nfe})
+#   results/eval/{run}/nfe_curve.csv, final.json  (another sampler S: {run}/S/nfe_curve.csv)
 #   results/toy_r10/, results/report/, results/summary.json, results/logs/, results/benchmarks/
 
 RESULTS = mc.results_dir(config)
@@ -59,19 +59,40 @@ def res(stage, key, per_run=False):
     return lambda wildcards: mc.resources(config, stage, wildcards.run)[key]
 
 
-def _runs_pattern(runs):
+def runs_pattern(runs):
     return "|".join(map(re.escape, runs)) or "(?!)"  # (?!) matches nothing
 
 
-def runs_on_one_node(stage):
-    """The runs whose `stage` job (train, sample) runs on one node, as a wildcard pattern."""
+def runs_on_one_node(stage, among=None):
+    """The runs (of `among`, default all) whose `stage` job (train, sample) runs on one node, as a wildcard
+    pattern."""
     many = set(mc.multi_node_runs(config, stage))
-    return _runs_pattern([r for r in mc.run_names(config) if r not in many])
+    return runs_pattern([r for r in (among or mc.run_names(config)) if r not in many])
 
 
-def runs_on_nodes(stage):
-    """The runs whose `stage` job spans several nodes (`nodes > 1` in their resources)."""
-    return _runs_pattern(mc.multi_node_runs(config, stage))
+def runs_on_nodes(stage, among=None):
+    """The runs (of `among`, default all) whose `stage` job spans several nodes (`nodes > 1` in their resources)."""
+    return runs_pattern([r for r in mc.multi_node_runs(config, stage) if among is None or r in among])
+
+
+def one_node_resources(stage):
+    """Resources of a job of one node whose run may override them (train, sample)."""
+    return {key: res(stage, key, per_run=True) for key in ("gpu", "mem_mb", "runtime")}
+
+
+def as_base_rule(base, suffix, resources):
+    """`resources` of a rule of the runs with samplers of their own (`suffix`: sample_euler_heun, say), with the
+    profile's set-resources of its base rule (sample, sample_nodes, evaluate) over them, as Snakemake puts a
+    profile's set-resources of a rule over the rule's own: a profile (profiles/slurm: partitions, CPUs per GPU,
+    slurm_extra) names the base rules only. The base rules get theirs from Snakemake (suffix "")."""
+    given = workflow.resource_settings.overwrite_resources.get(base, {}) if suffix else {}
+    return {**resources, **{k: getattr(v, "raw", v) for k, v in given.items()}}
+
+
+def threads_as_base_rule(base, suffix, threads):
+    """`threads`, or the profile's set-threads of the base rule (as_base_rule)."""
+    given = workflow.resource_settings.overwrite_threads.get(base) if suffix else None
+    return threads if given is None else getattr(given, "raw", given)
 
 
 def node_resources(stage):
@@ -107,6 +128,9 @@ def train_inputs(wildcards):
         out["gmm"] = SPATIAL_GMM
         if spec["coupling"].startswith("mode"):
             out["cls_gmm"] = CLS_GMM
+    init = mc.train_settings(config, wildcards.run).get("gm_init")  # GMFlow: the velocity run replicated
+    if init is not None:
+        out["gm_init"] = ema_file(init) if init in config["runs"] else init
     return out
 
 
@@ -120,8 +144,29 @@ def sample_inputs(wildcards):
     return out
 
 
+# The runs grouped by their samplers (sample.method): one sample and one evaluate rule per group (sample.smk).
+SAMPLER_GROUPS = mc.sampler_groups(config)
+
+
+def sample_outputs(run):
+    """The outputs of `run`'s sample job, as patterns of {run} (the same for every run of its group): every
+    sampler's set at every NFE (mmfm.config.sample_sets: the headline sampler's samples/{run}/nfe-N.npz, another
+    one's samples/{run}/S/nfe-N.npz), the .npz files and their grids in the same order."""
+    sets = mc.sample_sets(config, run, name="{run}")
+    grids = [report(f"{stem}.png", caption="../report/samples.rst", category="4. Samples", subcategory="{run}",
+                    labels={"run": "{run}", "NFE": str(nfe), "sampler": sampler})
+             for sampler, nfe, stem in sets]
+    return {"npz": [f"{stem}.npz" for _, _, stem in sets], "grids": grids}
+
+
+def evaluate_outputs(run):
+    """One NFE curve per sampler (the headline sampler's first) and final.json, as patterns of {run}."""
+    return {"curves": list(mc.nfe_curve_files(config, run, name="{run}").values()),
+            "final": f"{RESULTS}/eval/{{run}}/final.json"}
+
+
 def evaluate_inputs(wildcards):
-    out = {"samples": expand(f"{RESULTS}/samples/{wildcards.run}/nfe-{{nfe}}.npz", nfe=mc.nfes(config))}
+    out = {"samples": [f"{stem}.npz" for _, _, stem in mc.sample_sets(config, wildcards.run)]}
     if config["eval"]["metric"] == "fd":
         out["shards"] = shard_files()
     else:
@@ -158,9 +203,9 @@ def report_inputs():
     runs = mc.evaluated_runs(config)
     out = {
         "models": [ema_file(r) for r in runs],
-        "curves": expand(f"{RESULTS}/eval/{{run}}/nfe_curve.csv", run=runs),
+        "curves": [p for r in runs for p in mc.nfe_curve_files(config, r).values()],
         "finals": expand(f"{RESULTS}/eval/{{run}}/final.json", run=runs),
-        "grids": expand(f"{RESULTS}/samples/{{run}}/nfe-{{nfe}}.png", run=runs, nfe=mc.nfes(config)),
+        "grids": [f"{stem}.png" for r in runs for _, _, stem in mc.sample_sets(config, r)],
         "shards": shard_files(),  # their metadata (images, bad images), the data grid and the distance's floor
     }
     if mc.any_gmm(config):

@@ -110,7 +110,11 @@ def count_flops(model: torch.nn.Module, batch: tuple, y=None) -> int:
 
     x, t, target = batch
     with FlopCounterMode(display=False) as counter:
-        velocity_loss(model(x, t, y), target).backward()
+        out = model(x, t, y)
+        if isinstance(out, torch.Tensor):
+            velocity_loss(out, target).backward()
+        else:  # a GMFlow head (mmfm.flow.gm.GMOutput): its mixture mean, with every output in the graph
+            (velocity_loss(out.mean(), target) + 0.0 * out.logstd.float().sum()).backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
 
@@ -150,12 +154,13 @@ def graph_breaks(model: torch.nn.Module, *args, **kwargs) -> int:
 
 
 def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, num_tokens: int, device,
-                compile: bool, conditioning: str, modes: int, seed: int):
+                compile: bool, conditioning: str, modes: int, seed: int, method: str = "fm"):
     """The loop's :class:`~mmfm.train.step.TrainStep` over random data: ``(step, inputs, raw model)``.
 
     ``conditioning`` ``mode``: a random ``modes``-mode spatial GMM source (fp16 means, as the presets) and
     CLS GMM with soft mode coupling and the adaptive weighting; ``class``: 1000 classes with label dropout
-    0.1; ``none``: the Gaussian source."""
+    0.1; ``none``: the Gaussian source. ``method`` ``gmflow``: the GM head of the loop's defaults (J = 8, G of
+    ``TrainConfig.gm_groups_for``) and the transition loss (ratio 0.5)."""
     from mmfm.flow.couplings import make_coupling
     from mmfm.flow.path import LinearPath
     from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
@@ -168,9 +173,14 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     gen = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
     labels = {"none": 0, "class": 1000, "mode": modes}[conditioning]
-    model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
-                        num_classes=labels, class_dropout_prob=0.1 if conditioning == "class" else 0.0).to(device)
     cfg = TrainConfig.from_dict({"lr": 1e-4, "betas": (0.9, 0.95), "weight_decay": 0.0})
+    head = {}
+    if method == "gmflow":
+        head = {"head": "gm", "gm_components": cfg.gm_components, "gm_groups": cfg.gm_groups_for(in_channels),
+                "gm_logstd_hidden": cfg.gm_logstd_hidden, "gm_logstd_layers": cfg.gm_logstd_layers}
+    model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
+                        num_classes=labels, class_dropout_prob=0.1 if conditioning == "class" else 0.0,
+                        **head).to(device)
     optimizer = make_optimizer(model.parameters(), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ema = EMA(model, 0.9995)
@@ -184,7 +194,13 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
         coupling = make_coupling("mode", source, assigner=assigner, assignment="soft")
         weighting = AdaptiveModeWeighting(modes, warmup_steps=1, device=device)
     else:
-        coupling = make_coupling("independent", GaussianSource((num_tokens, in_channels)))
+        source = GaussianSource((num_tokens, in_channels))
+        coupling = make_coupling("independent", source)
+    objective = None
+    if method == "gmflow":
+        from mmfm.train.objective import GMFlowObjective
+
+        objective = GMFlowObjective(source, cfg.gm_trans_ratio, cfg.gm_loss_scale)
     times = TimeSampler("logit_normal", shift=shift_factor(num_tokens * in_channels))
     net = torch.compile(model) if compile else model
     autocast = contextlib.nullcontext
@@ -195,7 +211,7 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
                      times=times, path=LinearPath(), generator=torch.Generator(device=device).manual_seed(seed),
                      global_batch=per_rank, micro=batch, accumulation=accumulation, conditioning=conditioning,
                      class_dropout_prob=0.1 if conditioning == "class" else 0.0, weighting=weighting,
-                     autocast=autocast, grad_clip=1.0, seed=seed)
+                     autocast=autocast, grad_clip=1.0, seed=seed, objective=objective)
     inputs = {"x1": torch.randn(per_rank, num_tokens, in_channels, generator=gen).to(device),
               "cls": torch.randn(per_rank, in_channels, generator=gen).to(device) if conditioning == "mode" else None,
               "label": torch.randint(0, 1000, (per_rank,), generator=gen).to(device) if conditioning == "class"
@@ -203,18 +219,44 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     return step, inputs, model
 
 
+METHODS = ("fm", "gmflow")
+
+
 def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup: int = 2, in_channels: int = 768,
                 num_tokens: int = 256, device: str | None = None, compile: bool = False, seed: int = 0,
-                conditioning: str = "none", modes: int = 64, accumulation: int = 1) -> dict:
-    """Run the measurement; returns the JSON object ``mmfm bench train`` prints."""
+                conditioning: str = "none", modes: int = 64, accumulation: int = 1, method: str = "fm") -> dict:
+    """Run the measurement; returns the JSON object ``mmfm bench train`` prints.
+
+    ``method`` ``gmflow``: the GMFlow step (GM head, transition loss), and beside it, measured in the same run
+    on the same preset and batch, the flow-matching step (``fm``: its steps/s, FLOPs and parameters) and the
+    ratios ``gmflow / fm`` (``overhead``)."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    args = (preset, batch, steps, warmup, in_channels, num_tokens, device, compile, seed, conditioning, modes,
+            accumulation)
+    if method == "fm":
+        return _bench_train(*args, "fm")
+    _bench_train(*args[:2], 1, 1, *args[4:], "fm")  # the process's first step pays one-time costs: not timed
+    anchor = _bench_train(*args, "fm")
+    out = _bench_train(*args, method)
+    keys = ("steps_per_s", "flops_per_sample", "parameters", "peak_memory_gb")
+    out["fm"] = {k: anchor[k] for k in keys}
+    out["overhead"] = {k: out[k] / anchor[k] for k in keys if out[k] is not None and anchor[k]}
+    return out
+
+
+def _bench_train(preset, batch, steps, warmup, in_channels, num_tokens, device, compile, seed, conditioning, modes,
+                 accumulation, method) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for key, value in (("batch", batch), ("steps", steps), ("modes", modes), ("accumulation", accumulation)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
     if conditioning not in ("none", "class", "mode"):
         raise ValueError(f"conditioning: expected one of ['class', 'mode', 'none'], got {conditioning!r}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     step, inputs, model = _bench_step(preset, batch, accumulation, in_channels, num_tokens, device, compile,
-                                      conditioning, modes, seed)
+                                      conditioning, modes, seed, method)
     x = inputs["x1"][:batch]
     t = torch.full((batch,), 0.5, device=device)
     y = {"none": None, "class": inputs["label"], "mode": torch.zeros(batch, dtype=torch.long, device=device)}[
@@ -249,7 +291,7 @@ def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup:
     per_step = batch * accumulation
     sps = per_step * steps / seconds
     fps = flops / batch
-    return {"preset": preset, "device": name, "conditioning": conditioning, "batch": batch,
+    return {"preset": preset, "method": method, "device": name, "conditioning": conditioning, "batch": batch,
             "accumulation": accumulation, "steps": steps, "precision": "bf16" if device.type == "cuda" else "fp32",
             "compile": compile, "parameters": count_parameters(model), "latent": [num_tokens, in_channels],
             "optimizer": "AdamW(fused=True), the loop's", "steps_per_s": steps / seconds, "samples_per_s": sps,

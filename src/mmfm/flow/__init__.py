@@ -2,20 +2,22 @@
 
 path (linear interpolant, RAE adapter) · time (samplers, shift, grids) · sources (Gaussian, GMM) ·
 couplings (independent, mode, minibatch OT) · loss · solvers (Euler, Heun, midpoint, dopri5) ·
-guidance (autoguidance, CFG).
+guidance (autoguidance, CFG) · gm (GMFlow's mixture algebra; GM-ODE / GM-SDE in solvers, probabilistic
+guidance).
 """
 
 from mmfm.flow.couplings import IndependentCoupling, MinibatchOTCoupling, ModeCoupling, make_coupling
-from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance
+from mmfm.flow.gm import CellMixture, GMOutput
+from mmfm.flow.guidance import Autoguidance, ClassifierFreeGuidance, ProbabilisticGuidance
 from mmfm.flow.loss import velocity_loss
 from mmfm.flow.path import LinearPath, RAEConvention
-from mmfm.flow.solvers import ODEResult, solve_ode
+from mmfm.flow.solvers import GM_SOLVERS, ODEResult, gm_substeps, solve_gm, solve_ode
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler, rae_time_grid, shift_factor, shift_time, time_grid
 
 __all__ = [
-    "Autoguidance", "ClassifierFreeGuidance", "GaussianMixtureSource", "GaussianSource",
-    "IndependentCoupling", "LinearPath", "MinibatchOTCoupling", "ModeCoupling", "ODEResult",
-    "RAEConvention", "TimeSampler", "make_coupling", "rae_time_grid", "shift_factor", "shift_time",
-    "solve_ode", "time_grid", "velocity_loss",
+    "GM_SOLVERS", "Autoguidance", "CellMixture", "ClassifierFreeGuidance", "GMOutput", "GaussianMixtureSource",
+    "GaussianSource", "IndependentCoupling", "LinearPath", "MinibatchOTCoupling", "ModeCoupling", "ODEResult",
+    "ProbabilisticGuidance", "RAEConvention", "TimeSampler", "gm_substeps", "make_coupling", "rae_time_grid",
+    "shift_factor", "shift_time", "solve_gm", "solve_ode", "time_grid", "velocity_loss",
 ]

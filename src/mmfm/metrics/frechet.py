@@ -6,7 +6,9 @@
 
       FD = |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^{1/2}),
 
-  computed by pytorch-fid's ``calculate_frechet_distance`` (scipy ``sqrtm``), after shape checks.
+  computed as pytorch-fid's ``calculate_frechet_distance`` does (scipy ``sqrtm``; :func:`_pytorch_fid_distance`,
+  its code, so that a job that only needs the distance does not import pytorch-fid, which imports torchvision
+  and with it ``torch._dynamo``: seconds of start-up in every evaluate, train and report job), after shape checks.
 - :func:`save_stats` / :func:`load_stats`: ``.npz`` files with ``mu`` and ``sigma``, the format of
   pytorch-fid and of ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz`` also holds the
   images ``arr_0`` and spatial statistics ``mu_s``/``sigma_s``; extra keys are ignored). Files are
@@ -24,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from pytorch_fid.fid_score import calculate_frechet_distance
+from scipy import linalg
 
 from mmfm.io import atomic_path
 
@@ -120,7 +122,7 @@ def _check_gaussian(name: str, mu, sigma) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))`` by pytorch-fid.
+    """``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2))`` as pytorch-fid computes it.
 
     ``mu (D,)``, ``sigma (D, D)``, both pairs of the same ``D``. pytorch-fid adds ``1e-6 I`` to both
     covariances when the product is too singular for ``sqrtm``, and refuses a square root with a
@@ -137,7 +139,25 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     with warnings.catch_warnings():
         # pytorch-fid 0.3.0 passes sqrtm(disp=False), deprecated since SciPy 1.16
         warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated", category=DeprecationWarning)
-        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+        return float(_pytorch_fid_distance(mu1, sigma1, mu2, sigma2))
+
+
+def _pytorch_fid_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid 0.3.0's ``calculate_frechet_distance`` (Apache-2.0; Dougal J. Sutherland's stable version),
+    line for line: tests/metrics/test_frechet.py checks it against pytorch-fid's own."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)  # the product might be almost singular
+    if not np.isfinite(covmean).all():
+        print(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):  # numerical error might give a slight imaginary component
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
 
 
 def frechet_distance_of(features_a, features_b) -> float:

@@ -12,6 +12,12 @@ Module and parameter names and shapes equal the released RAE / MM-FM checkpoints
 state dicts load with ``load_state_dict(strict=True)``; such a network computes RAE's velocity in RAE's
 time convention and is run here through :class:`mmfm.flow.path.RAEConvention`. Their ``(B, C, H, W)``
 layout is converted with :func:`grid_to_tokens` / :func:`tokens_to_grid` at the edge.
+
+With ``head="gm"`` (GMFlow, docs/gmflow.md §2; :mod:`mmfm.models.gm_head`) the final layer's ``linear`` is a
+:class:`~mmfm.models.gm_head.GMHead` (``final_layer.linear.means`` / ``.logits``) and a
+:class:`~mmfm.models.gm_head.LogStdMLP` (``logstd_mlp``) reads the conditioning embedding
+``e = t_emb [+ y_emb]`` before its SiLU; ``forward`` then returns a :class:`mmfm.flow.gm.GMOutput`. Every
+other name and shape is the velocity network's.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfm import _checks
+from mmfm.flow.gm import GMOutput
+from mmfm.models.gm_head import HEADS, GMHead, LogStdMLP
 from mmfm.models.layers import (
     DDTBlock,
     DDTFinalLayer,
@@ -88,6 +96,12 @@ class DiTDH(nn.Module):
         num_classes: rows of the label table (classes or GMM modes). With ``conditioning="none"`` a
             table may still be kept (released unconditional checkpoints carry an unused one).
         class_dropout_prob: label dropout for CFG; > 0 adds the null row ``num_classes``.
+        head: ``"velocity"`` (the release's network, ``(B, N, C)`` out) or ``"gm"`` (a GMFlow mixture,
+            :class:`mmfm.flow.gm.GMOutput` out; patch size 1 only).
+        gm_components: ``J`` mixture components (head ``"gm"``).
+        gm_groups: ``G`` channel groups per token, dividing ``in_channels`` (required for head ``"gm"``).
+        gm_logstd_hidden, gm_logstd_layers: width and Linear count of the log-std MLP.
+        gm_mean_init_noise: std of the means' bias noise at init (symmetry breaking; 0 for none).
     """
 
     def __init__(
@@ -105,9 +119,27 @@ class DiTDH(nn.Module):
         conditioning: str = "none",
         num_classes: int = 0,
         class_dropout_prob: float = 0.0,
+        head: str = "velocity",
+        gm_components: int = 8,
+        gm_groups: int | None = None,
+        gm_logstd_hidden: int = 1024,
+        gm_logstd_layers: int = 2,
+        gm_mean_init_noise: float = 0.1,
     ):
         super().__init__()
         _checks.choice("conditioning", conditioning, CONDITIONINGS)
+        _checks.choice("head", head, HEADS)
+        if head == "gm":
+            if gm_groups is None:
+                raise ValueError("gm_groups: head 'gm' needs the number of channel groups per token (cells)")
+            _checks.integer("gm_groups", gm_groups)
+            if not isinstance(in_channels, int) or in_channels % gm_groups:
+                raise ValueError(f"gm_groups: {gm_groups} does not divide the token width in_channels {in_channels}")
+            _checks.integer("gm_components", gm_components)
+            if patch_size != 1:
+                raise ValueError(f"patch_size: head 'gm' needs patch_size 1 (a mixture per token), got {patch_size}")
+            if not gm_mean_init_noise >= 0:
+                raise ValueError(f"gm_mean_init_noise: expected a value >= 0, got {gm_mean_init_noise}")
         for name, v in dict(in_channels=in_channels, num_tokens=num_tokens, hidden_size=hidden_size, depth=depth,
                             num_heads=num_heads, head_hidden_size=head_hidden_size, head_depth=head_depth,
                             head_num_heads=head_num_heads, patch_size=patch_size).items():
@@ -128,6 +160,7 @@ class DiTDH(nn.Module):
         self.in_channels, self.num_tokens, self.patch_size = in_channels, num_tokens, patch_size
         self.conditioning, self.num_classes = conditioning, num_classes
         self.depth = depth
+        self.head = head
         self.side = side // patch_size
         patch_dim = in_channels * patch_size * patch_size
 
@@ -138,6 +171,10 @@ class DiTDH(nn.Module):
         if num_classes > 0:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.final_layer = DDTFinalLayer(head_hidden_size, patch_dim)
+        if head == "gm":
+            self.gm_components, self.gm_groups, self.gm_mean_init_noise = gm_components, gm_groups, gm_mean_init_noise
+            self.final_layer.linear = GMHead(head_hidden_size, in_channels, gm_components, gm_groups)
+            self.logstd_mlp = LogStdMLP(hidden_size, gm_logstd_hidden, gm_logstd_layers)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.side**2, hidden_size), requires_grad=False)
         self.enc_feat_rope = Rope2D(hidden_size // num_heads, self.side)
         self.dec_feat_rope = Rope2D(head_hidden_size // head_num_heads, self.side)
@@ -156,7 +193,8 @@ class DiTDH(nn.Module):
     def initialize_weights(self) -> None:
         """The release's initialization (docs/method.md §2.1): Xavier patch embeds with zero bias, N(0, 0.02)
         time-MLP and label table, sin-cos positions, zero adaLN and output layers; other Linear layers
-        keep PyTorch's default."""
+        keep PyTorch's default. Head ``"gm"``: zero means and logits plus ``N(0, gm_mean_init_noise^2)`` on the
+        means' bias (torch's default generator), the log-std MLP Xavier with its last layer zero (``s = 1``)."""
         for emb in (self.x_embedder, self.s_embedder):
             w = emb.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -169,6 +207,12 @@ class DiTDH(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        if self.head == "gm":
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+            self.final_layer.linear.reset_parameters(self.gm_mean_init_noise)
+            self.logstd_mlp.reset_parameters()
+            return
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -182,8 +226,10 @@ class DiTDH(nn.Module):
         return grid_to_tokens(grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor:
-        """Velocity ``(B, N, C)`` at noisy tokens ``x`` ``(B, N, C)`` and times ``t`` ``(B,)``.
+                drop: torch.Tensor | None = None) -> torch.Tensor | GMOutput:
+        """Velocity ``(B, N, C)`` at noisy tokens ``x`` ``(B, N, C)`` and times ``t`` ``(B,)``; with head
+        ``"gm"`` a :class:`~mmfm.flow.gm.GMOutput`: means ``(B, J, N, C)``, logits ``(B, J, N, G)``,
+        ``log s`` ``(B,)`` (:class:`~mmfm.models.gm_head.GMMeanVelocity` gives its mean velocity).
 
         ``y``: ``(B,)`` labels (class or mode); ignored by an unconditional network. ``drop``: optional
         ``(B,)`` bool mask forcing the null label (CFG training with an explicit generator).
@@ -193,13 +239,14 @@ class DiTDH(nn.Module):
         _checks.shape("t", t, (b,))
         t_emb = self.t_embedder(t)
         if self.conditioning == "none":
-            c = F.silu(t_emb)
+            e = t_emb
         else:
             if y is None:
                 raise ValueError(f"y: a {self.conditioning}-conditional network needs labels of shape ({b},)")
             rows = self.y_embedder.embedding_table.num_embeddings
             _checks.labels("y", y, rows, batch=b)
-            c = F.silu(t_emb + self.y_embedder(y, drop))
+            e = t_emb + self.y_embedder(y, drop)  # one label draw, shared by c and the log-std MLP
+        c = F.silu(e)
         s = self.s_embedder(x) + self.pos_embed
         for block in self.blocks[: self.depth]:
             s = block(s, c, self.enc_feat_rope)
@@ -207,17 +254,28 @@ class DiTDH(nn.Module):
         h = self.x_embedder(x)
         for block in self.blocks[self.depth:]:
             h = block(h, s, self.dec_feat_rope)
+        if self.head == "gm":
+            means, logits = self.final_layer(h, s)
+            return GMOutput(means, logits, self.logstd_mlp(e))
         return self._unpatchify(self.final_layer(h, s))
 
 
 def build_ditdh(preset: str, *, in_channels: int = 768, num_tokens: int = 256, conditioning: str = "none",
-                num_classes: int = 0, class_dropout_prob: float = 0.0, **overrides) -> DiTDH:
-    """A DiTDH from a preset name (``ditdh-s``, ``-b``, ``-l``, ``-xl``, ``-demo``, ``-tiny``)."""
+                num_classes: int = 0, class_dropout_prob: float = 0.0, head: str = "velocity",
+                gm_components: int = 8, gm_groups: int | None = None, gm_logstd_hidden: int = 1024,
+                gm_logstd_layers: int = 2, gm_mean_init_noise: float = 0.1, **overrides) -> DiTDH:
+    """A DiTDH from a preset name (``ditdh-s``, ``-b``, ``-l``, ``-xl``, ``-demo``, ``-tiny``).
+
+    ``head="gm"`` builds the GMFlow network (``gm_groups`` required; see :class:`DiTDH`); the ``gm_*``
+    arguments are ignored for the velocity head."""
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown DiTDH preset {preset!r}; expected one of {sorted(PRESETS)}")
     kw = {**PRESETS[preset], **overrides}
+    if head == "gm":
+        kw.update(gm_components=gm_components, gm_groups=gm_groups, gm_logstd_hidden=gm_logstd_hidden,
+                  gm_logstd_layers=gm_logstd_layers, gm_mean_init_noise=gm_mean_init_noise)
     return DiTDH(in_channels, num_tokens, conditioning=conditioning, num_classes=num_classes,
-                 class_dropout_prob=class_dropout_prob, **kw)
+                 class_dropout_prob=class_dropout_prob, head=head, **kw)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,6 +13,13 @@ An export of ``mmfm train`` also records what its tokens are (so ``mmfm sample -
 width, normalization, decoder) and ``source`` (:func:`source_record`: ``gaussian``, or the spatial GMM file with
 its shape and fingerprint). Older and imported exports have neither (``source`` may be the bare kind, a
 string); :func:`recorded_source` reads both forms.
+
+**GMFlow exports** (docs/gmflow.md §7) carry, at the top level of the metadata, ``method`` (``"fm"`` when
+absent, or ``"gmflow"``), ``head`` (``"velocity"`` when absent, or ``"gm"``; a ``"gmflow"`` export without it
+is ``"gm"``) and, for head ``"gm"``, ``gm_components``, ``gm_groups``, ``gm_logstd_hidden`` [1024] and
+``gm_logstd_layers`` [2]. :func:`load_velocity_model` still returns a mean velocity
+(:class:`~mmfm.models.gm_head.GMMeanVelocity`), so every ODE sampler and evaluator works unchanged;
+:func:`load_gm_model` returns the mixture network itself.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import nn
 from mmfm import io
 from mmfm.flow.path import RAEConvention
 from mmfm.models.ditdh import build_ditdh
+from mmfm.models.gm_head import HEADS, GMMeanVelocity, GMRAEConvention
 from mmfm.models.mlp import VelocityMLP
 
 
@@ -55,21 +63,46 @@ def build_velocity_network(preset: str, *, in_channels: int, num_tokens: int, co
                        num_classes=num_classes, class_dropout_prob=class_dropout_prob, **overrides)
 
 
+def network_head(meta: dict) -> str:
+    """The output head an export's metadata records: ``head``, else ``"gm"`` for ``method: gmflow``, else
+    ``"velocity"``."""
+    head = meta.get("head") or ("gm" if meta.get("method") == "gmflow" else "velocity")
+    if head not in HEADS:
+        raise ValueError(f"head: unknown network head {head!r}; expected one of {list(HEADS)}")
+    return head
+
+
 def network_from_metadata(meta: dict) -> nn.Module:
     """The untrained network the metadata of an export describes (``patch_size`` [1], ``class_dropout_prob``
-    [0.0] and ``model_overrides`` [{}] may be left out)."""
-    overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size"}
+    [0.0] and ``model_overrides`` [{}] may be left out). A ``head: gm`` export gives the GM DiTDH of its
+    ``gm_components``, ``gm_groups``, ``gm_logstd_hidden`` [1024] and ``gm_logstd_layers`` [2] (no init noise:
+    its weights are loaded next)."""
+    gm_keys = ("head", "gm_components", "gm_groups", "gm_logstd_hidden", "gm_logstd_layers", "gm_mean_init_noise")
+    overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size" and k not in gm_keys}
     if meta["preset"] != "mlp":
         overrides["patch_size"] = meta.get("patch_size", 1)
+    if network_head(meta) == "gm":
+        if meta["preset"] == "mlp":
+            raise ValueError("head: the 'mlp' network has no GM head; use a DiTDH preset")
+        overrides.update(head="gm", gm_components=meta["gm_components"], gm_groups=meta["gm_groups"],
+                         gm_logstd_hidden=meta.get("gm_logstd_hidden", 1024),
+                         gm_logstd_layers=meta.get("gm_logstd_layers", 2), gm_mean_init_noise=0.0)
     return build_velocity_network(meta["preset"], in_channels=meta["in_channels"], num_tokens=meta["num_tokens"],
                                   conditioning=meta["conditioning"], num_classes=meta["num_classes"],
                                   class_dropout_prob=meta.get("class_dropout_prob", 0.0), **overrides)
 
 
 def describe_network(meta: dict) -> str:
-    """``preset (in_channels, num_tokens, conditioning, num_classes)`` of the metadata, for messages."""
+    """``preset (in_channels, num_tokens, conditioning, num_classes, head)`` of the metadata, for messages;
+    a GM head with its components and groups."""
+    try:
+        head = network_head(meta)
+    except ValueError:
+        head = meta.get("head")
+    what = (f"head 'gm' ({meta.get('gm_components')} components, {meta.get('gm_groups')} groups)"
+            if head == "gm" else f"head {head!r}")
     return (f"{meta['preset']} (in_channels {meta['in_channels']}, num_tokens {meta['num_tokens']}, "
-            f"conditioning {meta['conditioning']!r}, num_classes {meta['num_classes']})")
+            f"conditioning {meta['conditioning']!r}, num_classes {meta['num_classes']}, {what})")
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], path, what: str) -> None:
@@ -149,17 +182,8 @@ def recorded_source(meta: dict) -> dict | None:
     return source if isinstance(source, dict) else None
 
 
-def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """The network of an export as a velocity field in the paper's convention.
-
-    ``v(x, t, y=None)``: ``x`` ``(B, N, C)`` tokens, ``t`` ``(B,)`` with ``t = 0`` the source and ``t = 1``
-    data, ``y`` ``(B,)`` class / mode labels for a conditional network; returns ``(B, N, C)`` approximating
-    ``x1 - x0``. A network recorded with ``time_convention: "rae"`` (an imported release) is wrapped once in
-    :class:`mmfm.flow.RAEConvention` (``v = -net(x, 1 - t)``); one recorded as ``"paper"`` (``mmfm train``)
-    is returned as is. DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with
-    gradients off; the network itself is ``.net`` of the wrapper.
-    """
-    path = Path(path)
+def _load_network(path: Path, device) -> tuple[nn.Module, dict]:
+    """The network of an export with its weights, in its own time convention (eval, no grad), and its metadata."""
     meta = read_metadata(path)
     convention = meta["time_convention"]
     if convention not in ("rae", "paper"):
@@ -173,11 +197,49 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     check_state_dict(net, state, path, describe_network(meta))
     net.load_state_dict(state, strict=True, assign=True)
-    net = net.to(device).eval().requires_grad_(False)
-    model = RAEConvention(net) if convention == "rae" else net
+    return net.to(device).eval().requires_grad_(False), meta
+
+
+def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The network of an export as a velocity field in the paper's convention.
+
+    ``v(x, t, y=None)``: ``x`` ``(B, N, C)`` tokens, ``t`` ``(B,)`` with ``t = 0`` the source and ``t = 1``
+    data, ``y`` ``(B,)`` class / mode labels for a conditional network; returns ``(B, N, C)`` approximating
+    ``x1 - x0``. A network recorded with ``time_convention: "rae"`` (an imported release) is wrapped once in
+    :class:`mmfm.flow.RAEConvention` (``v = -net(x, 1 - t)``); one recorded as ``"paper"`` (``mmfm train``)
+    is returned as is. DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with
+    gradients off; the network itself is ``.net`` of the wrapper.
+
+    A GMFlow export (``head: gm``) is returned as its mean velocity ``sum_j A_j mu_j``:
+    :class:`~mmfm.models.gm_head.GMMeanVelocity` around the network (around
+    :class:`~mmfm.models.gm_head.GMRAEConvention` of it for ``"rae"``); :func:`load_gm_model` gives the mixture.
+    """
+    path = Path(path)
+    net, meta = _load_network(path, device)
+    rae = meta["time_convention"] == "rae"
+    if network_head(meta) == "gm":
+        model = GMMeanVelocity(GMRAEConvention(net) if rae else net)
+    else:
+        model = RAEConvention(net) if rae else net
     return model.eval()
 
 
-__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_velocity_model",
-           "network_from_metadata", "read_metadata", "recorded_source", "source_fingerprint", "source_record",
-           "tokenizer_record"]
+def load_gm_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The GM network of a GMFlow export (``head: gm``) in the paper's convention, returning
+    :class:`mmfm.flow.gm.GMOutput` (means ``(B, J, N, C)``, logits ``(B, J, N, G)``, ``log s`` ``(B,)``) at
+    ``(x, t, y=None)``: the network itself for ``time_convention: "paper"``, wrapped once in
+    :class:`~mmfm.models.gm_head.GMRAEConvention` for ``"rae"``. Eval mode, gradients off.
+
+    Raises ``ValueError`` naming the file for a velocity export (sample that with an ODE solver).
+    """
+    path = Path(path)
+    if network_head(read_metadata(path)) != "gm":
+        raise ValueError(f"{path}: not a GMFlow (gm head) export; sample it with euler/heun/midpoint/dopri5")
+    net, meta = _load_network(path, device)
+    model = GMRAEConvention(net) if meta["time_convention"] == "rae" else net
+    return model.eval()
+
+
+__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_gm_model",
+           "load_velocity_model", "network_from_metadata", "network_head", "read_metadata", "recorded_source",
+           "source_fingerprint", "source_record", "tokenizer_record"]

@@ -504,11 +504,18 @@ def npz_bytes(arrays: dict[str, tuple[tuple[int, ...], object]]) -> int:
     return records + sum(npy_bytes(shape, dtype) for shape, dtype in arrays.values())
 
 
-def sample_files(config: dict, run: str, nfe: int, geo: Geometry, world: int) -> list[File]:
-    """``nfe-N.npz`` (``arr_0`` uint8 ``(n, H, W, 3)``, ``arr_1`` labels of a class-conditional run, ``meta`` the
-    settings as JSON) and the PNG grid of the first 64 (bound: its raw pixels); with several ranks, the part
-    files rank 0 merges."""
+#: Velocity evaluations per step of each sampler (dopri5: an adaptive solver, counted at 6 a step).
+EVALUATIONS_PER_STEP = {"euler": 1, "heun": 2, "midpoint": 2, "dopri5": 6}
+
+
+def sample_files(config: dict, run: str, nfe: int, geo: Geometry, world: int,
+                 sampler: str | None = None) -> list[File]:
+    """The set of ``sampler`` (default: the run's headline sampler) at ``nfe``: ``nfe-N.npz`` (``arr_0`` uint8
+    ``(n, H, W, 3)``, ``arr_1`` labels of a class-conditional run, ``meta`` the settings as JSON) and the PNG grid
+    of the first 64 (bound: its raw pixels), under ``samples/<run>/`` (another sampler than the headline one:
+    ``samples/<run>/<sampler>/``); with several ranks, the part files rank 0 merges."""
     s = mc.sample_settings(config, run)
+    sampler = mc.samplers(config, run)[0] if sampler is None else sampler
     n = int(s["n"])
     side = image_side(config, geo)
     arrays = {"arr_0": ((n, side, side, 3), np.uint8)}
@@ -518,15 +525,15 @@ def sample_files(config: dict, run: str, nfe: int, geo: Geometry, world: int) ->
     guide = s.get("guide")
     guide = None if guide is None or float(s.get("guidance_scale", 1.0)) == 1.0 else \
         (f"results/runs/{guide}/ema.safetensors" if guide in config["runs"] else guide)
-    evals = {"euler": 1, "heun": 2, "midpoint": 2}.get(s["method"], 6)
+    evals = EVALUATIONS_PER_STEP.get(sampler, 1)  # (the GMFlow / DFM samplers: one network call a step)
     settings = {"model": f"results/runs/{run}/ema.safetensors", "guide": guide,
                 "source": "results/gmm/spatial.safetensors" if mc.uses_gmm(config, run) else "gaussian",
-                "n": n, "seed": s["seed"], "steps": nfe, "method": s["method"], "shift": s["shift"], "end": s["end"],
+                "n": n, "seed": s["seed"], "steps": nfe, "method": sampler, "shift": s["shift"], "end": s["end"],
                 "guidance_scale": s["guidance_scale"], "cfg_scale": s["cfg_scale"],
                 "precision": s.get("precision", "fp32"), "nfe_per_sample": float(evals * nfe),
                 "conditioning": config["runs"][run]["conditioning"]}
     arrays["meta"] = ((), f"<U{len(json.dumps(settings, sort_keys=True))}")
-    folder = f"results/samples/{run}"
+    folder = f"results/samples/{run}/{mc.sampler_dir(config, run, sampler)}".rstrip("/")
     out = [File(f"{folder}/nfe-{nfe}.npz", npz_bytes(arrays), 1, "exact"),
            File(f"{folder}/nfe-{nfe}.png", grid_bytes(min(64, n), side), 1, "bound")]
     if world > 1:
@@ -556,11 +563,13 @@ def image_side(config: dict, geo: Geometry) -> int:
 
 
 def evaluate_files(config: dict, run: str) -> list[File]:
+    """One NFE curve per sampler of the run (``eval/<run>/nfe_curve.csv`` for the headline one,
+    ``eval/<run>/<sampler>/nfe_curve.csv`` for the others) and ``final.json``."""
     ev = config["eval"]
     curve = len("step,nfe,fd\r\n") + len(ev["nfe"]) * len(f"100000,49,{_FLOAT * 10:.6g}\r\n")
     final = json_bytes({"metric": ev["metric"], ev["metric"]: _FLOAT * 10, "nfe": mc.final_nfe(config),
                         "n": int(mc.sample_settings(config, run)["n"]), "step": 100000})
-    return [File(f"results/eval/{run}/nfe_curve.csv", curve, 1, "estimate"),
+    return [*(File(path, curve, 1, "estimate") for path in mc.nfe_curve_files(config, run, results="results").values()),
             File(f"results/eval/{run}/final.json", final, 1, "estimate")]
 
 
@@ -586,7 +595,7 @@ def report_files(config: dict, geo: Geometry) -> list[File]:
                 "estimate") for n in names]
     out += [File(f"results/report/{g}", grid_bytes(64, side), 1, "bound") for g in grids]
     samples = sum(grid_bytes(min(64, int(mc.sample_settings(config, r)["n"])), side)
-                  for r in mc.evaluated_runs(config) for _ in mc.nfes(config))
+                  for r in mc.evaluated_runs(config) for _ in mc.sample_sets(config, r))
     inlined = sum(f.total for f in out if f.path != "results/summary.json") + samples
     out.append(File("results/report/page.html", inlined * 4 // 3, 1, "bound"))
     return out

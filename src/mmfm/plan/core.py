@@ -265,22 +265,34 @@ def _check_runtime(rp: RulePlan, what: str, wall_h: float, res: dict) -> None:
 # ------------------------------------------------------------------------------------------------ the plan
 
 
+def merge_overrides(config: dict, overrides: dict) -> dict:
+    """``config`` with ``overrides`` merged in, mappings key by key and anything else replaced (snakemake's
+    ``--config``: ``runs={x: {evaluate: true}}`` changes one key of one run)."""
+    out = dict(config)
+    for key, value in overrides.items():
+        out[key] = merge_overrides(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 def build_plan(configfile: str | os.PathLike | None = None, *, gpu: GPU, mfu: float = DEFAULT_MFU,
                mfu_source: str = "the default", root: str | os.PathLike = ".", profile=None,
-               disk: int | None = None, cache: str | os.PathLike | None = "default", train_memory=None) -> Plan:
+               disk: int | None = None, cache: str | os.PathLike | None = "default", train_memory=None,
+               overrides: dict | None = None) -> Plan:
     """The plan of ``configfile`` (default: the ``config.yaml`` snakemake reads) on GPUs of kind ``gpu``.
 
     ``root``: the working directory (relative paths of the config). ``profile``: the Snakemake profile folder
     whose ``retries`` and training stop-signal lead apply (default ``profiles/slurm``). ``disk``: bytes free
     for ``results/`` (default: the free space of ``root``'s file system). ``cache``: where traces are kept
     (``"default"``: ``~/.cache/mmfm/plan``; ``None``: in memory only). ``train_memory``: the function that
-    traces a training step (default :func:`mmfm.plan.train_memory.train_rank_memory`).
+    traces a training step (default :func:`mmfm.plan.train_memory.train_rank_memory`). ``overrides``: merged
+    into the config file's mapping key by key, as snakemake's ``--config`` (:func:`merge_overrides`).
     """
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu: expected a fraction in (0, 1], got {mfu}")
     root = Path(root)
     configfile = Path(configfile) if configfile is not None else load.default_configfile(root)
-    config, notes = load.validate(load.read_configfile(configfile), root)
+    config, notes = load.validate(merge_overrides(load.read_configfile(configfile), overrides or {}), root)
     retries, lead, profile_path = read_profile(profile)
     if train_memory is None:
         from mmfm.plan.train_memory import train_rank_memory as train_memory
@@ -303,7 +315,7 @@ def build_plan(configfile: str | os.PathLike | None = None, *, gpu: GPU, mfu: fl
     rules: dict[str, RulePlan] = {}
     for rule, js in jobs.items():
         rp = RulePlan(rule, len(js))
-        getattr(ctx, f"rule_{rule.removesuffix('_nodes')}")(rp, js)
+        getattr(ctx, f"rule_{dag.stage(rule)}")(rp, js)
         rules[rule] = rp
     results = mc.results_dir(config)
     if results != "results":  # the files as the rules name them (the byte counts do not depend on it)
@@ -475,45 +487,56 @@ class _Context:
     # ---- sampling and evaluation
 
     def rule_sample(self, rp: RulePlan, js) -> None:
+        """One job per run: every sampler of its ``sample.method`` at every NFE (one ``per_job`` entry per set, the
+        runtime check over the job's sets together)."""
         cfg, geo, gpu = self.config, self.geo, self.gpu
         needs, gpu_needs, total_hours, flops_total = [], [], 0.0, 0.0
         for job in js:
-            run, nfe, res = job.run, int(job.wildcards["nfe"]), job.resources
+            run, res = job.run, job.resources
             world = max(1, res["gpu"])
-            rp.files += art.sample_files(cfg, run, nfe, geo, world)
             s = mc.sample_settings(cfg, run)
+            for sampler, nfe, _ in mc.sample_sets(cfg, run):
+                rp.files += art.sample_files(cfg, run, nfe, geo, world, sampler=sampler)
             guide = mc.guide_run(cfg, run)
             guided = s.get("guide") is not None and float(s.get("guidance_scale", 1.0)) != 1.0
             nv = _velocity_params(cfg, run, geo, self.k, self.traces)
             ng = _velocity_params(cfg, guide or run, geo, self.k, self.traces) if guided else 0
             need_host = host.sample(cfg, run, geo, velocity_params=nv, guide_params=ng, params=self.params)
             needs.append(need_host)
-            _check_host(rp, f"sample {run} nfe {nfe}", need_host, res)
-            entry = {"run": run, "nfe": nfe, "gpus": res["gpu"], "n": int(s["n"]), "host_memory_bytes": need_host}
+            _check_host(rp, f"sample {run}", need_host, res)
+            job_hours, n = 0.0, int(s["n"])
+            for sampler, nfe, _ in mc.sample_sets(cfg, run):
+                entry = {"run": run, "sampler": sampler, "nfe": nfe, "gpus": res["gpu"], "n": n,
+                         "host_memory_bytes": need_host}
+                if res["gpu"] >= 1:
+                    tr = self.traces.get("sample", {**_args(cfg, "encoder", "decoder", geo=geo),
+                                                    "train": mc.train_settings(cfg, run),
+                                                    "guide": mc.train_settings(cfg, guide) if guide else None,
+                                                    "sample": s, "method": sampler, "k": self.k,
+                                                    "cond": cfg["runs"][run]["conditioning"]},
+                                         lambda run=run, sampler=sampler: _jsonable(
+                                             _sample_trace(cfg, run, geo, self.k, sampler)))
+                    # FLOPs: the solver's per-step cost x nfe steps, the decoder once
+                    split = tr["flops_split"]
+                    vel = {k_: v * nfe for k_, v in split["velocity_per_step"].items()}
+                    dec = split["decoder"]
+                    prec = tr["precision"]
+                    wall = (hours({k_: v * n for k_, v in vel.items()}, prec["velocity"], gpu, self.mfu, world)
+                            + hours({k_: v * n for k_, v in dec.items()}, prec["decoder"], gpu, self.mfu, world))
+                    per_sample = sum(vel.values()) + sum(dec.values())
+                    total_hours += wall * res["gpu"]
+                    job_hours += wall
+                    flops_total += per_sample * n
+                    gpu_needs.append(tr["need_bytes"])
+                    entry.update(gpu_memory_bytes_per_rank=tr["need_bytes"], gpu_peak_bytes=tr["peak_bytes"],
+                                 gpu_parts=tr["parts"], flops_per_sample=per_sample, precision=prec, hours=wall,
+                                 gpu_hours=wall * res["gpu"])
+                    _check_gpu(rp, f"sample {run} {sampler} nfe {nfe}", tr["need_bytes"], tr["peak_bytes"], gpu)
+                rp.per_job.append(entry)
             if res["gpu"] >= 1:
-                tr = self.traces.get("sample", {**_args(cfg, "encoder", "decoder", geo=geo),
-                                                "train": mc.train_settings(cfg, run),
-                                                "guide": mc.train_settings(cfg, guide) if guide else None,
-                                                "sample": s, "k": self.k, "cond": cfg["runs"][run]["conditioning"]},
-                                     lambda run=run: _jsonable(_sample_trace(cfg, run, geo, self.k)))
-                # FLOPs: the solver's per-step cost x nfe steps, the decoder once
-                split = tr["flops_split"]
-                vel = {k_: v * nfe for k_, v in split["velocity_per_step"].items()}
-                dec = split["decoder"]
-                n = int(s["n"])
-                prec = tr["precision"]
-                wall = (hours({k_: v * n for k_, v in vel.items()}, prec["velocity"], gpu, self.mfu, world)
-                        + hours({k_: v * n for k_, v in dec.items()}, prec["decoder"], gpu, self.mfu, world))
-                per_sample = sum(vel.values()) + sum(dec.values())
-                total_hours += wall * res["gpu"]
-                flops_total += per_sample * n
-                gpu_needs.append(tr["need_bytes"])
-                entry.update(gpu_memory_bytes_per_rank=tr["need_bytes"], gpu_peak_bytes=tr["peak_bytes"],
-                             gpu_parts=tr["parts"], flops_per_sample=per_sample, precision=prec, hours=wall,
-                             gpu_hours=wall * res["gpu"])
-                _check_gpu(rp, f"sample {run} nfe {nfe}", tr["need_bytes"], tr["peak_bytes"], gpu)
-                _check_runtime(rp, f"sample {run} nfe {nfe} ({n:,} samples on {world} GPU(s))", wall, res)
-            rp.per_job.append(entry)
+                sets = len(mc.sample_sets(cfg, run))
+                _check_runtime(rp, f"sample {run} ({sets} set{'s' if sets > 1 else ''} of {n:,} samples on {world} "
+                               "GPU(s))", job_hours, res)
         rp.host_memory_bytes = max(needs)
         if gpu_needs:
             rp.gpu_memory_bytes_per_rank = max(gpu_needs)
@@ -547,7 +570,7 @@ class _Context:
         _check_gpu(rp, "evaluate", tr["need_bytes"], tr["peak_bytes"], gpu)
         total_hours, flops_total = 0.0, 0.0
         for job in js:
-            n = int(mc.sample_settings(cfg, job.run)["n"]) * len(ev["nfe"])
+            n = int(mc.sample_settings(cfg, job.run)["n"]) * len(mc.sample_sets(cfg, job.run))  # samplers x NFEs
             f = {k_: v * n for k_, v in tr["flops_per_sample"].items()}
             wall = hours(f, tr["precision"], gpu, self.mfu)
             total_hours += wall * res["gpu"]
@@ -589,10 +612,10 @@ def _encode_trace(config, geo):
     return _jsonable(encode_memory(config, geo))
 
 
-def _sample_trace(config, run, geo, k):
+def _sample_trace(config, run, geo, k, method=None):
     from mmfm.plan.inference import sample_rank_memory
 
-    return sample_rank_memory(config, run, geo, k, nfe=1)
+    return sample_rank_memory(config, run, geo, k, nfe=1, method=method)
 
 
 def _evaluate_trace(config, geo):

@@ -9,7 +9,10 @@ rules call (:mod:`mmfm.config`):
   when some run draws from the GMM (the report reads the spatial GMM then, so all three are in the DAG);
 - ``train`` / ``train_nodes``: every evaluated run and every run that guides one (a run that is neither is in
   no rule's input); a run over several nodes is a ``train_nodes`` job;
-- ``sample`` / ``sample_nodes``: evaluated runs x ``eval.nfe``; ``evaluate``: evaluated runs;
+- ``sample`` / ``sample_nodes``: one job per evaluated run (every sampler of its ``sample.method`` at every NFE of
+  ``eval.nfe``); ``evaluate``: evaluated runs. Runs whose samplers are not the shared ``sample.method``'s are
+  jobs of rules of their own, ``sample_<samplers>`` / ``sample_<samplers>_nodes`` / ``evaluate_<samplers>``
+  (:func:`mmfm.config.sampler_groups`);
 - ``toy_r10``: 1 when enabled; ``report`` 1; ``all`` 1 (a local rule, no resources).
 """
 
@@ -19,11 +22,21 @@ from dataclasses import dataclass, field
 
 from mmfm import config as mc
 
-#: Rules in the order the workflow runs them (and the plan prints them).
+#: Rules in the order the workflow runs them (and the plan prints them); ``sample_<samplers>`` (``_nodes``) and
+#: ``evaluate_<samplers>`` rules of runs with their own samplers follow ``sample_nodes`` and ``evaluate``.
 RULES = ("export_digits", "encode", "fit_cls_gmm", "spatial_stats", "spatial_gmm", "train", "train_nodes",
          "sample", "sample_nodes", "evaluate", "toy_r10", "report", "all")
 #: The config's resource section of each rule (``*_nodes`` share their stage's).
 STAGE = {r: r.removesuffix("_nodes") for r in RULES}
+
+
+def stage(rule: str) -> str:
+    """The stage of a rule: its resource section and the plan's method (``sample_euler_heun_nodes`` -> sample)."""
+    base = rule.removesuffix("_nodes")
+    for name in ("sample", "evaluate"):
+        if base.startswith(name + "_"):
+            return name
+    return STAGE.get(base, base)
 
 
 @dataclass
@@ -41,9 +54,18 @@ class Job:
 
 
 def trained_runs(config: dict) -> list[str]:
-    """Runs whose ``ema.safetensors`` some rule needs: the evaluated runs and their guide runs, config order."""
-    need = set(mc.evaluated_runs(config))
-    need |= {g for r in mc.evaluated_runs(config) if (g := mc.guide_run(config, r)) is not None}
+    """Runs whose ``ema.safetensors`` some rule needs: the evaluated runs, their guide runs and the velocity runs
+    a GMFlow head is replicated from (``gm_init``), in config order."""
+    need, todo = set(), list(mc.evaluated_runs(config))
+    while todo:
+        run = todo.pop()
+        if run in need:
+            continue
+        need.add(run)
+        if (g := mc.guide_run(config, run)) is not None and run in mc.evaluated_runs(config):
+            todo.append(g)
+        if (init := mc.gm_init_run(config, run)) is not None:
+            todo.append(init)
     return [r for r in mc.run_names(config) if r in need]
 
 
@@ -52,8 +74,8 @@ def jobs(config: dict) -> dict[str, list[Job]]:
     out: dict[str, list[Job]] = {}
 
     def add(rule: str, wildcards: dict | None = None, run: str | None = None) -> None:
-        per_run = run if STAGE[rule] in mc.MULTI_NODE else None  # only train / sample take a run's resources
-        res = None if rule == "all" else mc.resources(config, STAGE[rule], per_run)
+        per_run = run if stage(rule) in mc.MULTI_NODE else None  # only train / sample take a run's resources
+        res = None if rule == "all" else mc.resources(config, stage(rule), per_run)
         out.setdefault(rule, []).append(Job(rule, dict(wildcards or {}), res))
 
     if mc.digits(config):
@@ -69,13 +91,18 @@ def jobs(config: dict) -> dict[str, list[Job]]:
     for run in trained_runs(config):
         add("train_nodes" if run in many else "train", {"run": run}, run)
     many = set(mc.multi_node_runs(config, "sample"))
-    for run in mc.evaluated_runs(config):
-        for nfe in mc.nfes(config):
-            add("sample_nodes" if run in many else "sample", {"run": run, "nfe": str(nfe)}, run)
-    for run in mc.evaluated_runs(config):
-        add("evaluate", {"run": run}, run)
+    group = {run: suffix for suffix, runs in mc.sampler_groups(config).items() for run in runs}
+    evaluated = mc.evaluated_runs(config)
+    for run in evaluated:
+        add(f"sample{group[run]}{'_nodes' if run in many else ''}", {"run": run}, run)
+    for run in evaluated:
+        add(f"evaluate{group[run]}", {"run": run}, run)
     if config["toy_r10"]["enabled"]:
         add("toy_r10")
     add("report")
     add("all")
-    return {r: out[r] for r in RULES if r in out}
+    own = [s for s in dict.fromkeys(group[r] for r in evaluated) if s]  # rules of runs with their own samplers
+    i, j = RULES.index("evaluate"), RULES.index("evaluate") + 1
+    order = [*RULES[:i], *(f"sample{s}{n}" for s in own for n in ("", "_nodes")), *RULES[i:j],
+             *(f"evaluate{s}" for s in own), *RULES[j:]]
+    return {r: out[r] for r in order if r in out}

@@ -221,8 +221,10 @@ def _precision_wrapper(precision: str):
 
 
 def sample_rank_memory(config: dict, run: str, geo: Geometry, num_modes: int, *, nfe: int,
-                       round_to: int = memory.CUDA_BLOCK_BYTES) -> dict:
-    """GPU memory of one rank of ``run``'s sample job at ``nfe`` steps and its FLOPs per sample (module doc).
+                       method: str | None = None, round_to: int = memory.CUDA_BLOCK_BYTES) -> dict:
+    """GPU memory of one rank of ``run``'s sample job at ``nfe`` steps of ``method`` (default: the run's headline
+    sampler; the GMFlow / DFM samplers are traced as one network call a step, as Euler) and its FLOPs per sample
+    (module doc).
 
     Returns ``{"peak_bytes", "need_bytes", "parts" {weights, ode_step, decode}, "flops_per_sample" {conv,
     matmul} (all ``nfe`` steps and the decoding of one sample), "flops_split" {"velocity_per_step",
@@ -238,8 +240,10 @@ def sample_rank_memory(config: dict, run: str, geo: Geometry, num_modes: int, *,
     cfg_scale = float(s.get("cfg_scale", 1.0))
     guide_run = mc.guide_run(config, run)
     wrap = _precision_wrapper(precision)
-    evals = {"euler": 1, "heun": 2, "midpoint": 2, "dopri5": 6}[s["method"]]
-    method = s["method"]
+    from mmfm.plan.artifacts import EVALUATIONS_PER_STEP
+
+    method = mc.samplers(config, run)[0] if method is None else method
+    evals = EVALUATIONS_PER_STEP.get(method, 1)
 
     def build():  # a guide file: its architecture is in the file; the run's own is assumed
         return {"main": velocity_network(config, run, geo, num_modes),
@@ -249,6 +253,10 @@ def sample_rank_memory(config: dict, run: str, geo: Geometry, num_modes: int, *,
     def weights(st):  # the networks as sample_run holds them on the device
         main, guide, st["tok"] = st["built"]["main"], st["built"]["guide"], st["built"]["tok"]
         velocity = wrap(materialize(main))
+        if getattr(main, "head", "velocity") == "gm":  # a GMFlow network: traced through its mixture's mean
+            from mmfm.models.gm_head import GMMeanVelocity
+
+            velocity = GMMeanVelocity(velocity)
         if guide is not None:
             velocity = Autoguidance(velocity, wrap(materialize(guide)), float(s["guidance_scale"]),
                                     tuple(s["guidance_interval"]))
@@ -270,14 +278,14 @@ def sample_rank_memory(config: dict, run: str, geo: Geometry, num_modes: int, *,
         with torch.no_grad():
             h = 0.01
             k1 = v(x)
-            if method in ("euler", "dopri5"):
-                x_next = x + h * k1
-            elif method == "heun":
+            if method == "heun":
                 k2 = v(x + h * k1)
                 x_next = x + 0.5 * h * (k1 + k2)
-            else:
+            elif method == "midpoint":
                 k2 = v(x + 0.5 * h * k1)
                 x_next = x + h * k2
+            else:  # euler, dopri5 (its evaluations counted below), the one-call-a-step samplers
+                x_next = x + h * k1
         del x_next
 
     def decode(st):  # decode_latents -> HFTokenizer.decode -> to_uint8 (the pixels tokenizer: on the CPU)

@@ -89,6 +89,7 @@ def _trace(settings: dict, *, num_tokens: int, token_dim: int, cls_dim: int, num
     from mmfm.flow.time import TimeSampler
     from mmfm.train.ema import EMA
     from mmfm.train.loop import SOURCE_DTYPES, build_model
+    from mmfm.train.objective import make_objective
     from mmfm.train.schedule import derive_batch
     from mmfm.train.step import make_optimizer
     from mmfm.train.weighting import AdaptiveModeWeighting
@@ -141,7 +142,7 @@ def _trace(settings: dict, *, num_tokens: int, token_dim: int, cls_dim: int, num
                            generator=torch.Generator().manual_seed(cfg.seed), global_batch=cfg.global_batch,
                            micro=micro, accumulation=accum, rank=0, world=world_size, conditioning=cfg.conditioning,
                            class_dropout_prob=cfg.class_dropout_prob, weighting=weighting, autocast=autocast,
-                           grad_clip=cfg.grad_clip, seed=cfg.seed)
+                           grad_clip=cfg.grad_clip, seed=cfg.seed, objective=make_objective(cfg, source))
         x1 = to_device(_tensor((per_rank, num_tokens, token_dim), torch.float16, fake), "cpu", torch.float32)
         cls = (to_device(_tensor((per_rank, cls_dim), torch.float16, fake), "cpu", torch.float32)
                if cfg.coupling.startswith("mode") else None)

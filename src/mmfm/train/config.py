@@ -21,6 +21,13 @@ that names the key. Keys (defaults in brackets):
 - model: ``model`` [``ditdh-tiny``], a DiTDH preset or ``mlp``; ``model_overrides`` [{}] (keyword
   arguments of ``build_ditdh`` / ``VelocityMLP``);
 - data: ``shuffle`` [True], ``buffer_rows`` [4096];
+- ``method`` [``fm``] or ``gmflow`` (docs/gmflow.md: a Gaussian-mixture velocity head, ``model`` a DiTDH
+  preset) with ``gm_components`` [8] ``J``, ``gm_groups`` [None: ``D / 16`` when 16 divides the token width
+  ``D``, else ``D / 4``, else ``D``] channel groups per token, ``gm_trans_ratio`` [0.5] (``lambda``; 1 is the
+  plain NLL), ``gm_loss_scale`` [2.0], ``gm_logstd_hidden`` [1024], ``gm_logstd_layers`` [2],
+  ``gm_mean_init_noise`` [0.1] (symmetry breaking), ``gm_init`` [None] (an ``ema.safetensors`` of a velocity
+  run to replicate into the head) and ``gm_allow_approx`` [False] (a GMM source without mode conditioning,
+  where the Gaussian-kernel identities hold only given the drawn mode);
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
   ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
   ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
@@ -52,6 +59,7 @@ CONDITIONINGS = ("none", "class", "mode")
 PRECISIONS = ("fp32", "bf16")
 SOURCE_PRECISIONS = ("fp32", "fp16", "bf16")
 TIME_DISTS = ("logit_normal", "uniform")
+METHODS = ("fm", "gmflow")
 MODELS = tuple(PRESETS) + ("mlp",)
 
 
@@ -91,6 +99,16 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     shuffle: bool = True
     buffer_rows: int = 4096
+    method: str = "fm"
+    gm_components: int = 8
+    gm_groups: int | None = None
+    gm_trans_ratio: float = 0.5
+    gm_loss_scale: float = 2.0
+    gm_logstd_hidden: int = 1024
+    gm_logstd_layers: int = 2
+    gm_mean_init_noise: float = 0.1
+    gm_init: str | None = None
+    gm_allow_approx: bool = False
     seed: int = 0
     checkpoint_every: int = 1000
     keep_last: int = 2
@@ -145,14 +163,15 @@ class TrainConfig:
     def __post_init__(self):
         ints = dict(global_batch=1, micro_batch_max=1, steps=0, initial_steps=0, decay_start=0, decay_end=0,
                     ema_initial_steps=0, num_classes=0, buffer_rows=0, seed=0, checkpoint_every=1,
-                    keep_last=1, log_every=1, adaptive_warmup_steps=0, eval_every=0, eval_samples=2, eval_steps=1, eval_rows=2)
+                    keep_last=1, log_every=1, adaptive_warmup_steps=0, eval_every=0, eval_samples=2, eval_steps=1,
+                    eval_rows=2, gm_components=1, gm_logstd_hidden=1, gm_logstd_layers=1)
         for key, lo in ints.items():
             v = getattr(self, key)
             if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
                 raise ValueError(f"{key}: expected an integer >= {lo}, got {v!r}")
         for key in ("lr", "final_lr", "initial_lr", "weight_decay", "eps", "grad_clip", "ema_decay",
                     "ema_initial_decay", "time_mu", "time_sigma", "class_dropout_prob", "adaptive_decay",
-                    "adaptive_gamma"):
+                    "adaptive_gamma", "gm_trans_ratio", "gm_loss_scale", "gm_mean_init_noise"):
             v = getattr(self, key)
             if v is None and key in ("final_lr", "initial_lr", "ema_initial_decay"):
                 continue
@@ -181,7 +200,7 @@ class TrainConfig:
             raise ValueError(f"time_shift: expected 'auto' or a positive number, got {self.time_shift!r}")
         for key, choices in (("time_dist", TIME_DISTS), ("source", SOURCES), ("coupling", COUPLINGS),
                              ("conditioning", CONDITIONINGS), ("precision", PRECISIONS), ("model", MODELS),
-                             ("source_precision", SOURCE_PRECISIONS)):
+                             ("source_precision", SOURCE_PRECISIONS), ("method", METHODS)):
             if getattr(self, key) not in choices:
                 raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
         lo_w, hi_w = self.adaptive_clamp
@@ -189,10 +208,10 @@ class TrainConfig:
             raise ValueError(f"adaptive_clamp: expected 0 < lo <= 1 <= hi, got {self.adaptive_clamp!r}")
         if self.adaptive_weighting and self.source != "gmm":
             raise ValueError("adaptive_weighting: per-mode weights need source 'gmm' (the modes of the noise)")
-        for key in ("shuffle", "compile", "adaptive_weighting", "tensorboard"):
+        for key in ("shuffle", "compile", "adaptive_weighting", "tensorboard", "gm_allow_approx"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key}: expected true or false, got {getattr(self, key)!r}")
-        for key in ("gmm", "cls_gmm"):
+        for key in ("gmm", "cls_gmm", "gm_init"):
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
                 raise ValueError(f"{key}: expected a file path, got {v!r}")
@@ -215,9 +234,43 @@ class TrainConfig:
             raise ValueError("class_dropout_prob: only class conditioning has a null label")
         if self.model == "mlp" and self.conditioning != "none":
             raise ValueError("model: the 'mlp' velocity is unconditional; use a DiTDH preset for conditioning")
+        if self.method == "gmflow":
+            self._check_gmflow()
         if not 0 <= self.initial_steps <= self.decay_start <= self.decay_end:
             raise ValueError("initial_steps, decay_start, decay_end: expected 0 <= initial_steps <= decay_start "
                              f"<= decay_end, got {self.initial_steps}, {self.decay_start}, {self.decay_end}")
+
+    def _check_gmflow(self) -> None:
+        """GMFlow's combination rules (docs/gmflow.md §6): the transition loss, the GM-ODE sub-steps and
+        GM-SDE rely on the Gaussian kernel ``q(x_t | x1, k) = N(t x1 + (1 - t) mu_k, (1 - t)^2 sigma_k^2 I)``."""
+        if self.model == "mlp":
+            raise ValueError("model: method 'gmflow' needs a DiTDH preset (its GM head); 'mlp' has none")
+        if not 0 < self.gm_trans_ratio <= 1:
+            raise ValueError(f"gm_trans_ratio: expected a value in (0, 1], got {self.gm_trans_ratio!r}")
+        if self.gm_loss_scale <= 0 or self.gm_mean_init_noise < 0:
+            key = "gm_loss_scale" if self.gm_loss_scale <= 0 else "gm_mean_init_noise"
+            raise ValueError(f"{key}: expected a positive number (>= 0 for the noise), got {getattr(self, key)!r}")
+        if self.gm_groups is not None and not (isinstance(self.gm_groups, int) and not isinstance(self.gm_groups, bool)
+                                               and self.gm_groups >= 1):
+            raise ValueError(f"gm_groups: expected a positive integer (or null), got {self.gm_groups!r}")
+        if self.coupling == "ot":
+            raise ValueError("coupling: 'ot' cannot be used with method 'gmflow': minibatch OT pairs each x0 with "
+                             "an x1 (x0 depends on x1), so the Gaussian kernel q(x_t | x1) that GMFlow's transition "
+                             "loss, GM-ODE sub-steps and GM-SDE rely on does not hold; use independent or mode "
+                             "coupling")
+        if self.source == "gmm" and self.conditioning != "mode" and not self.gm_allow_approx:
+            raise ValueError(f"gm_allow_approx: a GMM source with conditioning {self.conditioning!r} is approximate "
+                             "for GMFlow (the network's mixture is marginal over the modes, the kernel is Gaussian "
+                             "only given the mode); use conditioning: mode (exact), or set gm_allow_approx: true")
+
+    def gm_groups_for(self, token_dim: int) -> int:
+        """``gm_groups``, or its default for tokens of width ``D``: cells of 16 channels when 16 divides ``D``
+        (48 for DINOv2-B), else of 4 (3 for the demo's 12), else one cell per token."""
+        if self.gm_groups is not None:
+            if token_dim % self.gm_groups:
+                raise ValueError(f"gm_groups: {self.gm_groups} does not divide the token width {token_dim}")
+            return self.gm_groups
+        return next(token_dim // c for c in (16, 4, 1) if token_dim % c == 0)
 
     # ------------------------------------------------------------------------------------------
     def lr_schedule(self):
@@ -239,7 +292,10 @@ class TrainConfig:
         mine = self.to_dict()
         if "data_fingerprint" not in saved or mine["data_fingerprint"] is None:  # an older checkpoint: unknown
             mine.pop("data_fingerprint")
-        return {k: (saved.get(k), v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        # a key the checkpoint predates had its default then (the GMFlow keys, say)
+        defaults = TrainConfig().to_dict()
+        was = {k: saved.get(k, defaults.get(k)) for k in mine}
+        return {k: (was[k], v) for k, v in mine.items() if k not in RESUMABLE_CHANGES and was[k] != v}
 
     def shift(self, dim: int) -> float:
         """The time shift for latents of ``dim = N * D`` scalars: the number, or ``max(1, sqrt(dim / 4096))``."""

@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmfm import io
 from mmfm.data.prefetch import Prefetch, to_device
 from mmfm.data.stream import ShardStream
 from mmfm.flow.couplings import make_coupling
@@ -72,6 +73,7 @@ from mmfm.train.checkpoint import (export_ema, get_rng_state, keep_last, latest_
                                    save_checkpoint)
 from mmfm.train.config import TrainConfig
 from mmfm.train.ema import EMA
+from mmfm.train.objective import make_objective
 from mmfm.train.evaluate import FDLog, fd_of_model, reference_stats
 from mmfm.train.schedule import derive_batch
 from mmfm.train.step import TrainStep, make_optimizer
@@ -116,13 +118,53 @@ def derived_seed(seed: int, *tags: int) -> int:
     return int(state >> np.uint64(1))
 
 
+def head_settings(cfg: TrainConfig, token_dim: int) -> dict:
+    """The output head's keyword arguments of ``build_ditdh`` (and the export's metadata): ``{}`` for a velocity
+    network; ``head: gm`` with ``gm_components``, ``gm_groups``, ``gm_logstd_hidden``, ``gm_logstd_layers`` for
+    ``method: gmflow``."""
+    if cfg.method != "gmflow":
+        return {}
+    return {"head": "gm", "gm_components": cfg.gm_components, "gm_groups": cfg.gm_groups_for(token_dim),
+            "gm_logstd_hidden": cfg.gm_logstd_hidden, "gm_logstd_layers": cfg.gm_logstd_layers}
+
+
 def build_model(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int) -> nn.Module:
-    """The velocity network of ``cfg.model``: a DiTDH preset over ``(B, N, D)`` tokens or the token MLP
-    (:func:`mmfm.models.velocity.build_velocity_network`). ``num_labels``: rows of the label table (classes
-    or modes; 0 when unconditional)."""
+    """The network of ``cfg.model``: a DiTDH preset over ``(B, N, D)`` tokens or the token MLP
+    (:func:`mmfm.models.velocity.build_velocity_network`), with GMFlow's head for ``method: gmflow``.
+    ``num_labels``: rows of the label table (classes or modes; 0 when unconditional)."""
+    head = head_settings(cfg, token_dim)
+    if head:
+        head["gm_mean_init_noise"] = cfg.gm_mean_init_noise
     return build_velocity_network(cfg.model, in_channels=token_dim, num_tokens=num_tokens,
                                   conditioning=cfg.conditioning, num_classes=num_labels,
-                                  class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides)
+                                  class_dropout_prob=cfg.class_dropout_prob, **cfg.model_overrides, **head)
+
+
+def replicate_init(cfg: TrainConfig, raw: nn.Module, num_tokens: int, token_dim: int, num_labels: int) -> str:
+    """``gm_init``: copy a trained velocity network (an export: ``ema.safetensors`` of an ``fm`` run, or an
+    imported release) into the GMFlow network ``raw``, its last projection replicated into the ``J`` mean heads
+    with ``gm_mean_init_noise`` bias noise (:func:`mmfm.models.gm_head.replicate_velocity_head`). Returns the
+    time convention of the copy (``rae`` for a release: the network is then trained behind
+    :class:`~mmfm.models.gm_head.GMRAEConvention` and exported in RAE's convention)."""
+    from mmfm.models.gm_head import replicate_velocity_head
+    from mmfm.models.velocity import read_metadata
+
+    meta = read_metadata(cfg.gm_init)
+    if meta.get("head", "velocity") != "velocity":
+        raise ValueError(f"gm_init: {cfg.gm_init} is a GMFlow export already; give a velocity network")
+    mine = (num_tokens, token_dim, cfg.conditioning, num_labels if cfg.conditioning != "none" else 0)
+    theirs = (meta["num_tokens"], meta["in_channels"], meta["conditioning"],
+              meta["num_classes"] if meta["conditioning"] != "none" else 0)
+    if meta["preset"] != cfg.model or mine != theirs:
+        raise ValueError(f"gm_init: {cfg.gm_init} is a {meta['preset']} over {theirs[:2]} tokens with conditioning "
+                         f"{theirs[2]!r} ({theirs[3]} labels); this run is a {cfg.model} over {mine[:2]} with "
+                         f"{mine[2]!r} ({mine[3]} labels)")
+    arrays, _ = io.open_tensors(cfg.gm_init)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 7))
+    replicate_velocity_head(raw, state, noise=cfg.gm_mean_init_noise, generator=gen,
+                            convention=meta["time_convention"])
+    return meta["time_convention"]
 
 
 SOURCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -162,17 +204,20 @@ def build_coupling(cfg: TrainConfig, source, device):
 
 
 def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: int, step: int, *,
-                shards_meta: dict | None = None, source: dict | None = None) -> dict:
+                shards_meta: dict | None = None, source: dict | None = None, convention: str = "paper") -> dict:
     """Metadata of ``ema.safetensors``, readable by :func:`mmfm.models.velocity.load_velocity_model`, and what
     ``mmfm sample --model`` needs besides: ``tokenizer``, the :func:`~mmfm.models.velocity.tokenizer_record` of
     the shards' metadata ``shards_meta`` (None when not given), and ``source``, a
-    :func:`~mmfm.models.velocity.source_record` (given; else the kind and the GMM file's name, unread)."""
+    :func:`~mmfm.models.velocity.source_record` (given; else the kind and the GMM file's name, unread).
+    ``method`` and, for GMFlow, the head (:func:`head_settings`) say which network it is; ``convention`` is
+    ``rae`` only for a GMFlow network replicated from a release (``gm_init``)."""
     if source is None:
         source = {"kind": "gmm", "file": cfg.gmm} if cfg.source == "gmm" else {"kind": cfg.source}
-    return {"kind": "mmfm-velocity", "preset": cfg.model, "in_channels": token_dim, "num_tokens": num_tokens,
+    return {"kind": "mmfm-velocity", "method": cfg.method, **head_settings(cfg, token_dim),
+            "time_convention": convention, "preset": cfg.model, "in_channels": token_dim, "num_tokens": num_tokens,
             "patch_size": int(cfg.model_overrides.get("patch_size", 1)), "conditioning": cfg.conditioning,
             "num_classes": num_labels, "class_dropout_prob": cfg.class_dropout_prob,
-            "null_label": num_labels if cfg.class_dropout_prob > 0 else None, "time_convention": "paper",
+            "null_label": num_labels if cfg.class_dropout_prob > 0 else None,
             "layout": "tokens", "step": step, "source": source, "coupling": cfg.coupling,
             "model_overrides": dict(cfg.model_overrides),
             "tokenizer": None if shards_meta is None else tokenizer_record(shards_meta)}
@@ -362,8 +407,13 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 
     # ---- model, optimizer, schedules, EMA
     torch.manual_seed(cfg.seed)  # model initialization (identical on every rank)
-    raw = build_model(cfg, num_tokens, token_dim, num_labels).to(device)
+    raw = build_model(cfg, num_tokens, token_dim, num_labels)
+    convention = "paper"
+    if cfg.method == "gmflow" and cfg.gm_init:  # (a resumed run then loads its checkpoint over it)
+        convention = replicate_init(cfg, raw, num_tokens, token_dim, num_labels)
+    raw = raw.to(device)
     raw.train()
+    objective = make_objective(cfg, source)
     optimizer = make_optimizer(raw.parameters(), cfg)
     lr_schedule = cfg.lr_schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
@@ -388,7 +438,12 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
         log.info("resumed from %s at step %d", ckpt, step)
     last_ckpt = ckpt
 
-    model: nn.Module = torch.compile(raw) if cfg.compile else raw
+    called: nn.Module = raw
+    if convention == "rae":  # a head replicated from a release: RAE's time and sign, the means only
+        from mmfm.models.gm_head import GMRAEConvention
+
+        called = GMRAEConvention(raw)
+    model: nn.Module = torch.compile(called) if cfg.compile else called
     if distributed:
         # gradients as views of DDP's buckets: no second copy of them (2.7 GB for DiTDH-XL)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
@@ -403,7 +458,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                            coupling=coupling, times=times, path=path, generator=gen,
                            global_batch=cfg.global_batch, micro=micro, accumulation=accum, rank=rank, world=world,
                            conditioning=cfg.conditioning, class_dropout_prob=cfg.class_dropout_prob,
-                           weighting=weighting, autocast=autocast, grad_clip=cfg.grad_clip, seed=cfg.seed)
+                           weighting=weighting, autocast=autocast, grad_clip=cfg.grad_clip, seed=cfg.seed,
+                           objective=objective)
     control = _control_group(distributed)  # the stop-signal vote: host tensors, no GPU sync
 
     stream_state = stream.state_dict()  # the position after the last batch consumed
@@ -433,7 +489,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     metrics = _Metrics(out_dir / METRICS, step, enabled=rank == 0,
                        tensorboard=out_dir if cfg.tensorboard else None)  # runs named by their folders
     evaluate = (_evaluator(cfg, shards, raw, ema, source, num_labels, times.shift, device, out_dir / FD_LOG, step,
-                           metrics) if cfg.eval_every and rank == 0 else None)  # Fréchet distance, rank 0
+                           metrics, convention) if cfg.eval_every and rank == 0 else None)  # Fréchet distance, rank 0
     if not cfg.eval_every and rank == 0 and (out_dir / FD_LOG).exists():  # evaluation dropped on resume: the
         (out_dir / FD_LOG).unlink()  # distances of the steps before would pass for this run's curve
         print(f"eval_every is 0: removed {out_dir / FD_LOG}, the distances of the steps before {step}",
@@ -510,21 +566,28 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     exported = None
     if done and rank == 0:
         exported = export_ema(out_dir / EMA_EXPORT, ema, export_meta(cfg, num_tokens, token_dim, num_labels, step,
-                                                                  shards_meta=stream.meta, source=source_info))
+                                                                  shards_meta=stream.meta, source=source_info,
+                                                                  convention=convention))
     return {"step": step, "done": done, "checkpoint": last_ckpt, "ema": exported, "losses": losses,
             "micro_batch": micro, "accumulation": accum, "world_size": world, "resumed_from": resumed_from,
             "device": str(device), "threads": torch.get_num_threads()}
 
 
 def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_labels: int, shift: float, device,
-               path: Path, start: int, metrics: _Metrics):
-    """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``."""
+               path: Path, start: int, metrics: _Metrics, convention: str = "paper"):
+    """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``; a
+    GMFlow network is sampled by Euler on its mixture's mean velocity (the same sampler as every run)."""
     reference = reference_stats(shards, cfg.eval_rows)
     evaluator, log_ = copy.deepcopy(raw).eval(), FDLog(path, start)
+    velocity = evaluator
+    if cfg.method == "gmflow":
+        from mmfm.models.gm_head import GMMeanVelocity, GMRAEConvention
+
+        velocity = GMMeanVelocity(GMRAEConvention(evaluator) if convention == "rae" else evaluator)
 
     def evaluate(step: int) -> None:
         ema.copy_to(evaluator)
-        fd, nfe = fd_of_model(evaluator, source, reference, n=cfg.eval_samples, seed=cfg.seed,
+        fd, nfe = fd_of_model(velocity, source, reference, n=cfg.eval_samples, seed=cfg.seed,
                               conditioning=cfg.conditioning, num_classes=num_labels, steps=cfg.eval_steps,
                               shift=shift, device=device)
         log_.write(step, nfe, fd)

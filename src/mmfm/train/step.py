@@ -7,9 +7,12 @@ Given this rank's ``B = micro * accumulation`` rows already on the device (``x1 
 1. couples ``(x0, x1, modes)``: modes and every per-row number are drawn for the whole global batch from
    the shared generator (``share=(rank, world)``), the noise of global row ``j`` from its own seed
    ``noise_seeds(step)[j]`` (:func:`mmfm.flow.sources.row_noise`): each rank materializes only its rows;
-2. times ``t ~ TimeSampler``, ``x_t = (1 - t) x0 + t x1``, target ``u = x1 - x0``;
-3. runs ``accumulation`` micro-batches (autocast, ``velocity_loss * micro / B``, DDP ``no_sync`` but on
-   the last), optionally weighted per mode (:class:`~mmfm.train.weighting.AdaptiveModeWeighting`);
+2. times ``t ~ TimeSampler``, then the run's objective (:mod:`mmfm.train.objective`) makes the network's
+   inputs: ``x_t = (1 - t) x0 + t x1`` and target ``u = x1 - x0`` for flow matching; GMFlow's transition pair
+   (its forward-transition noise from per-row seeds, like the source noise);
+3. runs ``accumulation`` micro-batches (autocast, the objective's per-row loss ``* micro / B``, DDP
+   ``no_sync`` but on the last), optionally weighted per mode
+   (:class:`~mmfm.train.weighting.AdaptiveModeWeighting`, fed the plain squared errors);
 4. all-reduces the loss for the log, clips the gradient norm, and steps the fused AdamW with
    ``found_inf = not (loss and norm finite)``: the fused kernel then leaves parameters, moments and its
    step count untouched, so a non-finite step is never applied, and no value is read back to decide it;
@@ -28,13 +31,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mmfm.flow.loss import velocity_loss
+from mmfm.flow.sources import row_noise
+from mmfm.train.objective import VelocityObjective
 
 
-def noise_seeds(seed: int, step: int, rows: int) -> np.ndarray:
+def noise_seeds(seed: int, step: int, rows: int, stream: int = 1) -> np.ndarray:
     """``(rows,)`` uint64 seeds of the noise of each row of the global batch at optimizer step ``step``
-    (numpy's SeedSequence of ``(seed, 1, step)``): the same on every rank, and after a resume."""
-    return np.random.SeedSequence([int(seed), 1, int(step)]).generate_state(int(rows), np.uint64)
+    (numpy's SeedSequence of ``(seed, stream, step)``): the same on every rank, and after a resume. Stream 1
+    is the source noise, 2 the objective's own (GMFlow's forward transition)."""
+    return np.random.SeedSequence([int(seed), int(stream), int(step)]).generate_state(int(rows), np.uint64)
 
 
 class TrainStep:
@@ -53,18 +58,20 @@ class TrainStep:
         autocast: a context-manager factory for the forward pass (``contextlib.nullcontext`` for fp32).
         grad_clip: the norm bound (0: none, the norm is still computed).
         seed: the run's seed (the per-row noise seeds).
+        objective: what is regressed (:mod:`mmfm.train.objective`; default flow matching's velocity).
     """
 
     def __init__(self, *, model: nn.Module, raw: nn.Module, optimizer, scheduler, ema, coupling, times, path,
                  generator: torch.Generator, global_batch: int, micro: int, accumulation: int, rank: int = 0,
                  world: int = 1, conditioning: str = "none", class_dropout_prob: float = 0.0, weighting=None,
-                 autocast=contextlib.nullcontext, grad_clip: float = 1.0, seed: int = 0):
+                 autocast=contextlib.nullcontext, grad_clip: float = 1.0, seed: int = 0, objective=None):
         self.model, self.raw, self.optimizer, self.scheduler, self.ema = model, raw, optimizer, scheduler, ema
         self.coupling, self.times, self.path, self.generator = coupling, times, path, generator
         self.global_batch, self.micro, self.accumulation = global_batch, micro, accumulation
         self.rank, self.world = rank, world
         self.conditioning, self.class_dropout_prob, self.weighting = conditioning, class_dropout_prob, weighting
         self.autocast, self.grad_clip, self.seed = autocast, grad_clip, seed
+        self.objective = objective if objective is not None else VelocityObjective()
         self.distributed = world > 1 or (dist.is_available() and dist.is_initialized())
         self.params = [p for p in raw.parameters() if p.requires_grad]
         for group in optimizer.param_groups:  # a state dict saved by a non-fused AdamW turns fused off on load
@@ -78,12 +85,16 @@ class TrainStep:
         return range(self.accumulation)
 
     def draw(self, x1: torch.Tensor, cls: torch.Tensor | None, label: torch.Tensor | None, step: int):
-        """``(x_t, t, u, cond, modes)`` of this rank's rows for optimizer step ``step``."""
+        """``(batch, cond, modes)`` of this rank's rows for optimizer step ``step``: the objective's per-row
+        tensors (``batch["x"]``, ``batch["t"]`` are the network's inputs), the conditioning and the modes."""
         gen, rows, device = self.generator, self.rows, x1.device
         seeds = noise_seeds(self.seed, step, self.global_batch)
         x0, x1, modes = self.coupling(x1, descriptor=cls, generator=gen, share=(self.rank, self.world), noise=seeds)
         t = self.times(self.global_batch, generator=gen, device=device)[rows]
-        xt, u = self.path.sample(x0, x1, t)
+        extra = None
+        if self.objective.needs_noise:
+            extra = row_noise(noise_seeds(self.seed, step, self.global_batch, stream=2)[rows], x1.shape[1:], device)
+        batch = self.objective.prepare(x0, x1, t, modes, extra)
         cond = {}
         if self.conditioning == "mode":
             cond["y"] = modes
@@ -92,13 +103,13 @@ class TrainStep:
             if self.class_dropout_prob > 0:
                 cond["drop"] = torch.rand(self.global_batch, generator=gen, device=device)[rows] < \
                     self.class_dropout_prob
-        return xt, t, u, cond, modes
+        return batch, cond, modes
 
     def __call__(self, x1: torch.Tensor, cls: torch.Tensor | None = None, label: torch.Tensor | None = None, *,
                  step: int) -> dict:
         """One optimizer step on this rank's rows; returns ``{"loss", "grad_norm", "finite", "lr"}`` (device
         tensors but ``lr``, the learning rate the step used)."""
-        xt, t, u, cond, modes = self.draw(x1, cls, label, step)
+        batch, cond, modes = self.draw(x1, cls, label, step)
         micro, per_rank = self.micro, self.per_rank
         mode_weights = self.weighting.weights(modes) if self.weighting is not None else None
         per_sample, per_modes = [], []  # of the micro-batches run (a memory trace runs two)
@@ -110,15 +121,16 @@ class TrainStep:
             sync = self.model.no_sync() if self.distributed and not last and hasattr(self.model, "no_sync") \
                 else contextlib.nullcontext()
             with sync:
+                part = {k: (b[sl] if b is not None else None) for k, b in batch.items()}
                 with self.autocast():
-                    v = self.model(xt[sl], t[sl], **{k: c[sl] for k, c in cond.items()})
+                    v = self.model(part["x"], part["t"], **{k: c[sl] for k, c in cond.items()})
+                per_row, plain = self.objective.loss(v, part)
                 if mode_weights is None:
-                    loss = velocity_loss(v, u[sl]) * (micro / per_rank)
+                    loss = per_row.mean() * (micro / per_rank)
                 else:
-                    plain = velocity_loss(v, u[sl], reduction="none")
                     per_sample.append(plain.detach())
                     per_modes.append(modes[sl])
-                    loss = (plain * mode_weights[sl]).mean() * (micro / per_rank)
+                    loss = (per_row * mode_weights[sl]).mean() * (micro / per_rank)
                 loss.backward()
             loss_sum += loss.detach()
             del v, loss
