@@ -685,3 +685,29 @@ def _check_samplers(config: dict) -> None:
         if twice:
             raise ConfigError(f"{key}: {', '.join(twice)} listed more than once in {listed}; each sampler gives one "
                               "curve")
+
+
+#: Keys of a run's sample settings that belong to a method beyond flow matching (GMFlow, DMF, DFM): passed to
+#: ``mmfm sample`` as flags by the sample job (:func:`method_flags`).
+METHOD_SETTING_PREFIXES = ("gm_", "gm2_", "dmf_", "dfm_")
+
+
+def method_flags(settings: dict, options: dict) -> tuple[list[str], list[str]]:
+    """``(flags, left out)``: the sample settings whose keys start with :data:`METHOD_SETTING_PREFIXES` as
+    ``mmfm sample`` flags (``gm_substeps: 4`` -> ``--gm-substeps 4``, a list as several values, ``None`` left
+    out, a boolean as a bare flag or nothing for a flag that takes no value), for the flags ``options`` (the
+    parser's ``{option string: argparse action}``) has; the keys of the others are ``left out``, so that a
+    setting reaches ``mmfm sample`` only once its parser knows the flag."""
+    flags, left_out = [], []
+    for key in sorted(k for k in settings if k.startswith(METHOD_SETTING_PREFIXES) and settings[k] is not None):
+        flag, value = "--" + key.replace("_", "-"), settings[key]
+        action = options.get(flag)
+        if action is None:
+            left_out.append(key)
+        elif action.nargs == 0:  # store_true / store_false
+            flags += [flag] if value else []
+        elif isinstance(value, (list, tuple)):
+            flags += [flag, *map(str, value)]
+        else:
+            flags += [flag, str(value)]
+    return flags, left_out

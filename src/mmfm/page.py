@@ -8,7 +8,8 @@ It opens from disk (no server, no network, no script): the figures are PNG files
   targets and their ratios, wall time), the paper's table beside it;
 - **curves**: the loss per (method, source) (losses of different sources are not comparable), the
   distance over training with its floor, the distance over NFE;
-- **samples**: for each NFE in numeric order, every run's grid side by side beside a real-data grid;
+- **samples**: for each NFE in numeric order, every run's grid side by side (a run's further samplers' grids
+  beside it, captioned ``run (sampler)``) beside a real-data grid;
 - **GMM**: EM log-likelihood per iteration, sorted weights and per-mode counts, decoded mode means,
   empty / collapsed / re-seeded counts;
 - **R^10**: ours beside the paper's, the plot, the settings that produced it;

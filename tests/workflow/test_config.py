@@ -320,3 +320,24 @@ def test_a_bad_sampler_list_names_its_key(edit, expected):
     with pytest.raises(mc.ConfigError) as err:
         mc.check(cfg, ROOT)
     assert str(err.value).startswith(expected), str(err.value)
+
+
+def test_method_settings_become_the_sample_flags_its_parser_knows():
+    """gm_* / gm2_* / dmf_* / dfm_* keys of a run's sample settings: flags of `mmfm sample` where its parser has
+    them (lists as several values, None left out, a bare flag for a boolean), named as left out where not."""
+    import argparse
+
+    from mmfm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["sample"]
+    options = {opt: a for a in sub._actions for opt in a.option_strings}
+    settings = {"n": 8, "method": "gm-ode", "gm_substeps": 4, "gm2_coefs": [0.005, 1.0], "gm_order": None,
+                "dfm_steps": 3}
+    flags, left_out = mc.method_flags(settings, options)
+    assert left_out == (["dfm_steps"] if "--dfm-steps" not in options else [])
+    assert flags == ["--gm2-coefs", "0.005", "1.0", "--gm-substeps", "4"]  # keys in sorted order
+    assert sub.parse_args(["--model", "m", "--out", "o", *flags]).gm2_coefs == [0.005, 1.0]
+    switch = argparse.ArgumentParser().add_argument("--gm-orthogonal", action="store_true")
+    assert mc.method_flags({"gm_orthogonal": True}, {"--gm-orthogonal": switch}) == (["--gm-orthogonal"], [])
+    assert mc.method_flags({"gm_orthogonal": False}, {"--gm-orthogonal": switch}) == ([], [])
+    assert mc.method_flags({"n": 8, "seed": 0}, options) == ([], [])

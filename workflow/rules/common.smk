@@ -67,7 +67,7 @@ def runs_on_one_node(stage, among=None):
     """The runs (of `among`, default all) whose `stage` job (train, sample) runs on one node, as a wildcard
     pattern."""
     many = set(mc.multi_node_runs(config, stage))
-    return runs_pattern([r for r in (among or mc.run_names(config)) if r not in many])
+    return runs_pattern([r for r in (mc.run_names(config) if among is None else among) if r not in many])
 
 
 def runs_on_nodes(stage, among=None):
@@ -81,10 +81,11 @@ def one_node_resources(stage):
 
 
 def as_base_rule(base, suffix, resources):
-    """`resources` of a rule of the runs with samplers of their own (`suffix`: sample_euler_heun, say), with the
-    profile's set-resources of its base rule (sample, sample_nodes, evaluate) over them, as Snakemake puts a
-    profile's set-resources of a rule over the rule's own: a profile (profiles/slurm: partitions, CPUs per GPU,
-    slurm_extra) names the base rules only. The base rules get theirs from Snakemake (suffix "")."""
+    """`resources` of the sample / evaluate rules of runs with samplers of their own (`suffix`, e.g.
+    sample_euler_heun), with the profile's set-resources of the base rule (sample, sample_nodes, evaluate) over
+    them, as Snakemake puts a profile's set-resources over a rule's own. A profile (profiles/slurm) names the
+    base rules only (partitions, CPUs per GPU, slurm_extra). The base rules get theirs from Snakemake (suffix "")."""
+    # (no line here may hold the word rule, then a colon: snakemake --lint takes that for a rule)
     given = workflow.resource_settings.overwrite_resources.get(base, {}) if suffix else {}
     return {**resources, **{k: getattr(v, "raw", v) for k, v in given.items()}}
 

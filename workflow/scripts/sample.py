@@ -18,37 +18,20 @@ sys.stdout = sys.stderr = log
 import mmfm.config as mc  # noqa: E402
 from mmfm.cli import build_parser, main  # noqa: E402
 
-#: Sampler settings of a method beyond flow matching's, passed through as `mmfm sample` flags (module below).
-METHOD_PREFIXES = ("gm_", "gm2_", "dmf_", "dfm_")
-
 
 def method_flags(settings: dict) -> list[str]:
-    """The sampler settings of the run's `sample` section whose keys start with gm_ / gm2_ / dmf_ / dfm_, as
-    `mmfm sample` flags: `gm_substeps: 4` -> `--gm-substeps 4`, a list as several values, None left out, a
-    boolean as a bare flag (true) or nothing (false) for a flag that takes no value.
-
-    Only the flags `mmfm sample`'s parser knows are passed (read from mmfm.cli's parser in this process; `mmfm
+    """The run's sample settings of a method beyond flow matching (keys gm_*, gm2_*, dmf_*, dfm_*) as `mmfm
+    sample` flags (mmfm.config.method_flags: gm_substeps: 4 -> --gm-substeps 4, lists as several values, None
+    left out), for the flags `mmfm sample`'s parser knows, read from mmfm.cli's parser in this process (`mmfm
     sample --help` in a subprocess would cost seconds); each other key is named in the log and left out. The
-    GMFlow sampler adds --gm-substeps, --gm-order, --gm-guidance-scale, --gm-orthogonal, --gm-guidance-interval
-    and --gm2-coefs to `mmfm sample` (and their keys to the schema's `sample` section); until then a gm_* key
-    does nothing here."""
-    keys = sorted(k for k in settings if k.startswith(METHOD_PREFIXES) and settings[k] is not None)
-    if not keys:
+    GMFlow sampler's flags: --gm-substeps, --gm-order, --gm-guidance-scale, --gm-orthogonal,
+    --gm-guidance-interval, --gm2-coefs."""
+    if not any(k.startswith(mc.METHOD_SETTING_PREFIXES) for k in settings):
         return []
-    known = _sample_options()
-    out = []
-    for key in keys:
-        flag, value = "--" + key.replace("_", "-"), settings[key]
-        action = known.get(flag)
-        if action is None:
-            print(f"sample.{key}: `mmfm sample` has no {flag}; left out", flush=True)
-        elif action.nargs == 0:  # store_true / store_false
-            out += [flag] if value else []
-        elif isinstance(value, (list, tuple)):
-            out += [flag, *map(str, value)]
-        else:
-            out += [flag, str(value)]
-    return out
+    flags, left_out = mc.method_flags(settings, _sample_options())
+    for key in left_out:
+        print(f"sample.{key}: `mmfm sample` has no --{key.replace('_', '-')}; left out", flush=True)
+    return flags
 
 
 def _sample_options() -> dict:
