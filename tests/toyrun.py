@@ -52,6 +52,41 @@ def one_batch_shard(root, folder, rows=16):
     return folder
 
 
+TWO_RANKS_SCRIPT = """
+import json, sys, torch, torch.distributed as dist
+from mmfm.train import loop
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+res = loop.train(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False, device="cpu")
+print(json.dumps({"rank": dist.get_rank(), "micro": res["micro_batch"], "accum": res["accumulation"],
+                  "world": res["world_size"], "losses": res["losses"]}))
+dist.destroy_process_group()
+"""
+
+
+def train_two_gloo_ranks(cfg: dict, shards_dir, out, workdir) -> list[dict]:
+    """``loop.train(cfg, shards_dir, out)`` on two gloo ranks on localhost (two processes); each rank's last
+    line: ``{"rank", "micro", "accum", "world", "losses"}``."""
+    import json
+    import os
+    import socket
+    import subprocess
+
+    script = Path(workdir) / "two_ranks.py"
+    script.write_text(TWO_RANKS_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(shards_dir), str(out)],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+
+
 def config(root, setting="gaussian", **kw):
     """Training settings for the toy: ``gaussian``, ``gmm`` (GMM source) or ``mode`` (mode coupling and
     mode conditioning)."""

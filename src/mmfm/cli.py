@@ -769,8 +769,10 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--n", "--num-samples", dest="n", type=int, default=64, help="samples in the set")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--steps", type=int, default=50)
-    smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde"],
-                     help="ODE solver; gm-ode / gm-sde sample a GMFlow export's mixture (--steps network calls)")
+    smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde",
+                                                            "flowmap", "flowmap-restart"],
+                     help="ODE solver; gm-ode / gm-sde sample a GMFlow export's mixture, flowmap / flowmap-restart "
+                          "a DMF export's flow map (--steps network calls)")
     smp.add_argument("--shift", type=float, default=1.0, help="time shift of the grid")
     smp.add_argument("--end", type=float, default=1.0, help="last time of the grid (RAE: 0.999 before shift)")
     smp.add_argument("--guide", default=None, help="autoguidance: the guide network .safetensors")
@@ -878,8 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none (Gaussian source), class (1000 labels) or mode (GMM source, mode coupling)")
     bt.add_argument("--modes", type=int, default=64, help="GMM modes for --conditioning mode (default: %(default)s)")
     bt.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    bt.add_argument("--method", default="fm", choices=["fm", "gmflow"],
-                    help="gmflow: GMFlow's step, with the fm step of the same preset measured beside it")
+    bt.add_argument("--method", default="fm", choices=["fm", "gmflow", "dmf"],
+                    help="gmflow: GMFlow's step; dmf: the DMF fine-tune's step (JVP, and the central difference as "
+                         "fd); each with the fm step of the same preset measured beside it")
     bt.add_argument("--json", action="store_true", help="print only the JSON line")
     bt.set_defaults(func=_bench_train)
 

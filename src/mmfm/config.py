@@ -45,6 +45,8 @@ RUN_TRAIN_KEYS = ("source", "coupling", "conditioning", "method")
 DEFAULT_METHOD = "fm"
 #: The samplers of a GMFlow network's mixture (the others sample any run, a GMFlow one by its mean velocity).
 GM_SAMPLERS = ("gm-ode", "gm-sde")
+#: The samplers of a DMF flow map (the others sample a DMF run by its velocity, the flow map at r = t).
+FLOWMAP_SAMPLERS = ("flowmap", "flowmap-restart")
 
 
 class ConfigError(ValueError):
@@ -394,8 +396,8 @@ def check(config: dict, root: str | Path = ".", *, images: bool = True) -> None:
                                       "takes the main model's inputs")
                 if guide_run(config, guide) == run:
                     raise ConfigError(f"runs.{run}.sample.guide: {run!r} and {guide!r} guide each other")
+        _check_method(config, run, root)  # (its messages name the key; the typed view's then check the values)
         _check_train(config, run)
-        _check_method(config, run, root)
     for rule in RULES:
         for run in (run_names(config) if rule in ("train", "sample") else [None]):
             resources(config, rule, run)
@@ -530,6 +532,7 @@ def disk_warnings(config: dict, root: str | Path = ".") -> list[str]:
 def _check_train(config: dict, run: str) -> None:
     gmm = f"{results_dir(config)}/gmm"
     settings = with_gmm_files(train_settings(config, run), f"{gmm}/spatial.safetensors", f"{gmm}/cls.safetensors")
+    settings = with_network_files(settings, config, run)
     try:
         from mmfm.train.config import TrainConfig
     except ImportError:  # Snakemake runs in an environment without torch: the train job checks it
@@ -548,10 +551,38 @@ def run_method(config: dict, run: str) -> str:
     return config["runs"][run].get("method") or DEFAULT_METHOD
 
 
-def gm_init_run(config: dict, run: str) -> str | None:
-    """The run whose EMA export initializes ``run``'s GMFlow head (``train.gm_init`` naming a run), if any."""
-    init = train_settings(config, run).get("gm_init")
-    return init if init in config["runs"] else None
+#: Training keys that name another network: a run of the config (its EMA export is then an input of the train
+#: job, so editing that run retrains this one) or an ``ema.safetensors`` export.
+NETWORK_KEYS = ("gm_init", "dmf_init", "dmf_guide")
+
+
+def network_inputs(config: dict, run: str) -> dict[str, str]:
+    """``{key: run or export}`` of the networks ``run``'s training reads (:data:`NETWORK_KEYS`): GMFlow's
+    ``gm_init``, DMF's ``dmf_init`` and ``dmf_guide``, which defaults, for ``ag-*`` guidance, to the
+    ``sample.guide`` of the ``dmf_init`` run."""
+    settings = train_settings(config, run)
+    out = {k: settings[k] for k in NETWORK_KEYS if settings.get(k)}
+    if settings.get("method") == "dmf" and settings.get("dmf_guidance", "none") != "none" and "dmf_guide" not in out:
+        init = out.get("dmf_init")
+        guide = sample_settings(config, init).get("guide") if init in config["runs"] else None
+        if guide:
+            out["dmf_guide"] = guide
+    return out
+
+
+def network_runs(config: dict, run: str) -> list[str]:
+    """The runs whose EMA exports ``run``'s training reads (:func:`network_inputs` naming runs)."""
+    return [v for v in network_inputs(config, run).values() if v in config["runs"]]
+
+
+def with_network_files(settings: dict, config: dict, run: str, files: dict | None = None) -> dict:
+    """``settings`` with each of :func:`network_inputs` as a file: ``files[key]`` when given (the train job's
+    inputs), else the run's ``results/runs/<run>/ema.safetensors`` or the export path itself."""
+    out = dict(settings)
+    for key, net in network_inputs(config, run).items():
+        out[key] = str(files[key]) if files and files.get(key) else \
+            (f"{results_dir(config)}/runs/{net}/ema.safetensors" if net in config["runs"] else net)
+    return out
 
 
 def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
@@ -566,6 +597,13 @@ def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
         raise ConfigError(f"runs.{run}.sample.method: {gm[0]} samples a GMFlow network's mixture; this run has "
                           f"method {method!r} (set method: gmflow, or sample it with euler / heun / midpoint / "
                           "dopri5)")
+    flowmap = [m for m in chosen if m in FLOWMAP_SAMPLERS]
+    if flowmap and method != "dmf":
+        raise ConfigError(f"runs.{run}.sample.method: {flowmap[0]} jumps with a DMF flow map; this run has method "
+                          f"{method!r} (set method: dmf with train.dmf_init, or sample it with euler / heun / "
+                          "midpoint / dopri5)")
+    if method == "dmf":
+        _check_dmf(config, run, settings)
     if method != "gmflow":
         return
     if runs[run]["source"] == "gmm" and (config.get("spatial") or {}).get("covariance", "spherical") != "spherical":
@@ -603,10 +641,42 @@ def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
                           "export")
 
 
+def _check_dmf(config: dict, run: str, settings: dict) -> None:
+    """A DMF run's ``dmf_init``: a velocity run (method fm) of the same network, source, coupling and
+    conditioning, or an export; and the guide its ``ag-*`` guidance needs."""
+    runs, init = config["runs"], settings.get("dmf_init")
+    key = f"runs.{run}.train.dmf_init"
+    if init == run:
+        raise ConfigError(f"{key}: a run cannot initialize itself")
+    if init in runs:
+        if run_method(config, init) != "fm":
+            raise ConfigError(f"{key}: {init!r} is a {run_method(config, init)} run; a flow map is fine-tuned from a "
+                              "velocity network (method fm)")
+        theirs = train_settings(config, init)
+        differ = [f"{k} {theirs.get(k)!r} vs {settings.get(k)!r}" for k in
+                  ("model", "model_overrides", "source", "coupling", "conditioning") if theirs.get(k) != settings.get(k)]
+        if differ:
+            raise ConfigError(f"{key}: {init!r} differs from this run ({'; '.join(differ)}); the flow map inherits its "
+                              "network, source, coupling and conditioning: give this run the same")
+    elif init is not None and not str(init).endswith(".safetensors"):
+        raise ConfigError(f"{key}: {init!r} is neither a run ({list(runs)}) nor a .safetensors export")
+    guidance = settings.get("dmf_guidance", "none")
+    guide = network_inputs(config, run).get("dmf_guide")
+    if guidance != "none" and guide is None:
+        raise ConfigError(f"runs.{run}.train.dmf_guide: dmf_guidance {guidance!r} needs an autoguide: name a run or an "
+                          "export, or give the dmf_init run a sample.guide")
+    if guide == run:
+        raise ConfigError(f"runs.{run}.train.dmf_guide: a run cannot guide its own training")
+    if guide in runs and runs[guide]["conditioning"] != runs[run]["conditioning"]:
+        raise ConfigError(f"runs.{run}.train.dmf_guide: the guide run {guide!r} has conditioning "
+                          f"{runs[guide]['conditioning']!r}, this run {runs[run]['conditioning']!r}; a guide takes "
+                          "the main model's inputs")
+
+
 # ------------------------------------------------------------------------------------------------ samplers
 
 #: The samplers ``sample.method`` may name (the schema's enum; ``mmfm sample --method``).
-SAMPLERS = ("euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde", "flowmap", "dfm-euler")
+SAMPLERS = ("euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde", "flowmap", "flowmap-restart", "dfm-euler")
 
 
 def _methods(section: dict | None) -> list:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmfm.flow.flowmap import FLOWMAP_MODES, FLOWMAP_SOLVERS, solve_flowmap
 from mmfm.flow.solvers import GM_SOLVERS, SOLVERS, gm_substeps, solve_gm, solve_ode
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import time_grid
@@ -93,9 +94,7 @@ def source_component(source, modes: torch.Tensor | None, device):
     if source.covariance != "spherical":
         raise ValueError("source: GM-ODE / GM-SDE need a spherical GMM (one variance per mode, shared by the "
                          f"row's cells); this one is {source.covariance}")
-    idx = modes.to(source.means.device)
-    return (source.means[idx].to(device=device, dtype=torch.float32),
-            source.variances[idx].to(device=device, dtype=torch.float32))
+    return source.component(modes, device)
 
 
 def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str = "none", num_classes: int = 0,
@@ -113,13 +112,17 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
     GM-SDE), ``order`` [2], ``guidance`` (None, or ``{"guide", "scale", "interval", "orthogonal"}``: the guide
     network, called with the batch's conditioning, of a :class:`~mmfm.flow.guidance.ProbabilisticGuidance`) and
     ``gm2_coefs`` [(0.005, 1.0)]. The fine grid is ``time_grid(steps * substeps, shift, end)``. GM-SDE's noise
-    comes from a generator seeded by ``(seed, first index of the batch)``: its set depends on how it is batched."""
+    comes from a generator seeded by ``(seed, first index of the batch)``: its set depends on how it is batched.
+
+    ``flowmap`` / ``flowmap-restart`` (DMF, :func:`mmfm.flow.flowmap.solve_flowmap`): ``velocity`` is then the flow
+    map ``U(x, t, r=...)``, jumped over ``time_grid(steps, shift, end)`` in ``steps`` network calls; the restart
+    sampler's fresh source draws (from each row's own mode) come from a generator seeded like GM-SDE's."""
     from mmfm.progress import progress as tqdm
 
     if not isinstance(source, (GaussianSource, GaussianMixtureSource)):
         raise ValueError(f"source: expected a GaussianSource or GaussianMixtureSource, got {type(source).__name__}")
-    if method not in SOLVERS + GM_SOLVERS:
-        raise ValueError(f"method: expected one of {SOLVERS + GM_SOLVERS}, got {method!r}")
+    if method not in SOLVERS + GM_SOLVERS + FLOWMAP_SOLVERS:
+        raise ValueError(f"method: expected one of {SOLVERS + GM_SOLVERS + FLOWMAP_SOLVERS}, got {method!r}")
     for key, value in (("n", n), ("batch_size", batch_size), ("world_size", world_size)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
@@ -156,6 +159,10 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
                                order=int(gm.get("order", 2)), mode=method.removeprefix("gm-"), m=m, var0=var0,
                                guidance=guidance, generator=gen,
                                gm2_coefs=tuple(gm.get("gm2_coefs") or (0.005, 1.0)))
+            elif method in FLOWMAP_SOLVERS:
+                gen = torch.Generator(device=device).manual_seed(sample_seed(seed + 1, int(idx[0])))
+                res = solve_flowmap(velocity, x0.to(device), grid, mode=FLOWMAP_MODES[method], cond=kw,
+                                    source=source, modes=None if k is None else k.to(device), generator=gen)
             else:
                 res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
         out.append(res.x.float().cpu())
@@ -498,6 +505,10 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
     meta = read_metadata(model)
     cond, shape = meta["conditioning"], _model_shape(meta)
     gm_sampler = method in GM_SOLVERS
+    flowmap = method in FLOWMAP_SOLVERS
+    if flowmap and guide is not None and guidance_scale != 1.0:
+        raise ValueError(f"guidance_scale: {method} jumps with the flow map alone; DMF bakes autoguidance in at "
+                         "training (train.dmf_guidance), so leave guidance_scale at 1 for this sampler")
     if gm_sampler and meta.get("head", "velocity") != "gm":
         raise ValueError(f"sample.method: {method} samples a GMFlow network's mixture; {model} is a velocity "
                          "network (method fm): sample it with euler, heun, midpoint or dopri5")
@@ -535,6 +546,10 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
             probabilistic = {"guide": gnet, "scale": gm_guidance_scale, "interval": tuple(gm_guidance_interval),
                              "orthogonal": gm_orthogonal}
         gm = {"substeps": gm_substeps, "order": gm_order, "guidance": probabilistic, "gm2_coefs": gm2_coefs}
+    elif flowmap:
+        from mmfm.models.velocity import load_flowmap_model
+
+        velocity = NetworkPrecision(load_flowmap_model(model, device), precision)
     else:
         velocity = NetworkPrecision(load_velocity_model(model, device), precision)
     if guided and not gm_sampler:

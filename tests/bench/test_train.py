@@ -125,3 +125,19 @@ def test_peak_table_keys_are_exact_driver_strings_with_positive_dense_peaks():
         assert name == name.strip() and " MIG " not in name
         assert isinstance(peak, float) and 1e14 <= peak <= 3e15, name
     assert len({name.lower() for name in PEAK_BF16}) == len(PEAK_BF16)  # no key differs only by case
+
+
+def test_bench_train_dmf_counts_both_branches_beside_fm():
+    """``--method dmf``: the JVP step and the difference step, each with the fm step of the same preset measured in
+    the same run. Counted FLOPs: the JVP step is the diagonal branch's forward + backward plus a forward with its
+    tangents and a backward (more than 2x fm's one pass, less than 4x); the difference adds two no-grad forwards
+    (one third of a pass each) to the same two passes."""
+    out = bench_train("ditdh-tiny", batch=4, steps=1, warmup=1, in_channels=12, num_tokens=16, device="cpu",
+                      method="dmf")
+    assert out["method"] == "dmf-jvp" and out["host_syncs_per_step"] == 0 and out["fd"]["host_syncs_per_step"] == 0
+    fm = out["fm"]["flops_per_sample"]
+    assert 2.0 < out["overhead"]["flops_per_sample"] < 4.0, out["overhead"]
+    assert out["fd_overhead"]["flops_per_sample"] == pytest.approx(2 + 2 / 3, rel=0.05)
+    assert out["fd"]["flops_per_sample"] == pytest.approx(fm * out["fd_overhead"]["flops_per_sample"])
+    # the flow map adds only the log-variance head (257 weights) to fm's parameters
+    assert out["parameters"] - out["fm"]["parameters"] == 257

@@ -3,17 +3,11 @@
 ``gm_init`` replicating a velocity run (bit-exact mean at the start), and GM-ODE / GM-SDE through
 ``sample_latents`` (one sub-step of order 1 is Euler on the mean)."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
-from toyrun import assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, weights
+from toyrun import (assert_close_weights, assert_identical, config, metric_steps, one_batch_shard,
+                    train_two_gloo_ranks, weights)
 
 from mmfm.gmm.files import load_source
 from mmfm.models.velocity import load_gm_model, load_velocity_model, read_metadata
@@ -32,7 +26,7 @@ GM = dict(method="gmflow", model="ditdh-tiny", gm_components=4, gm_groups=2, gm_
     (dict(gm_trans_ratio=0.0), "gm_trans_ratio: expected a value in (0, 1]"),
     (dict(model="mlp", conditioning="none", gm_allow_approx=True), "model: method 'gmflow' needs a DiTDH preset"),
     (dict(gm_groups=0), "gm_groups: expected a positive integer"),
-    (dict(method="gm"), "method: expected one of ['fm', 'gmflow']"),
+    (dict(method="gm"), "method: expected one of ['fm', 'gmflow', 'dmf']"),
 ])
 def test_combination_rules(toy, change, message):
     root, _ = toy
@@ -93,17 +87,6 @@ def test_the_mean_of_a_replicated_head_is_the_velocity_run(toy, tmp_path):
               root / "shards", tmp_path / "bad", progress=False, device="cpu")
 
 
-DDP_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
-from mmfm.train import loop
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
-res = loop.train(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False, device="cpu")
-print(json.dumps({"losses": res["losses"]}))
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
     """The transition loss under DDP (its forward-transition noise from per-row seeds): 2 gloo ranks give the
@@ -112,18 +95,7 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
     one = one_batch_shard(root, tmp_path / "one-batch")
     cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=4, checkpoint_every=4, shuffle=False,
                  **GM)
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(one), str(tmp_path / "two")],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    train_two_gloo_ranks(cfg, one, tmp_path / "two", tmp_path)
     res = train(cfg, one, tmp_path / "one", progress=False, device="cpu")
     assert_close_weights(weights(tmp_path / "two" / "step-0000004"), weights(res["checkpoint"]))
 

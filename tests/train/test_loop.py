@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from toyrun import META, assert_close_weights, assert_identical, config, metric_steps, one_batch_shard, weights
+from toyrun import (META, assert_close_weights, assert_identical, config, metric_steps, one_batch_shard,
+                    train_two_gloo_ranks, weights)
 
 from mmfm.data import shards
 from mmfm.train import loop
@@ -279,45 +280,15 @@ def test_interrupted_exception_exit_code():
 
 
 
-DDP_SCRIPT = """
-import json, os, sys, torch, torch.distributed as dist
-from mmfm.train import loop
-torch.set_num_threads(1)
-dist.init_process_group("gloo")
-res = loop.train(json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], progress=False, device="cpu")
-print(json.dumps({"rank": dist.get_rank(), "micro": res["micro_batch"], "accum": res["accumulation"],
-                  "world": res["world_size"], "losses": res["losses"]}))
-dist.destroy_process_group()
-"""
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_train_and_checkpoint(toy, tmp_path):
     """Two CPU processes under torch.distributed (gloo): the batch splits over ranks (the global batch
     stays), both ranks see the same averaged loss, rank 0 writes the checkpoint and the export; a
     second launch resumes from it."""
-    import json
-    import socket
-
     root, _ = toy
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
 
     def launch(cfg):
-        procs = []
-        for rank in range(2):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(root / "shards"),
-                                           str(tmp_path / "out")], env=env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-        outs = [p.communicate(timeout=120) for p in procs]
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err
-        return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        return train_two_gloo_ranks(cfg, root / "shards", tmp_path / "out", tmp_path)
 
     cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=3)
     a, b = launch(cfg)
@@ -335,25 +306,11 @@ def test_two_gloo_ranks_give_the_weights_of_one_process(toy, tmp_path):
     accumulation 4): the same weights to float tolerance after 6 AdamW steps with clipping and EMA. One
     shard of exactly one global batch without shuffling, so both see the same rows each step; the noise,
     modes and times of each row come from one global draw (``share``), whatever the number of ranks."""
-    import json
-    import socket
-
     root, _ = toy
     one = one_batch_shard(root, tmp_path / "one-batch")
     cfg = config(root, "mode", global_batch=16, micro_batch_max=4, steps=6, checkpoint_every=6, shuffle=False,
                  grad_clip=0.5)
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), json.dumps(cfg), str(one), str(tmp_path / "two")],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
+    train_two_gloo_ranks(cfg, one, tmp_path / "two", tmp_path)
     res = train(cfg, one, tmp_path / "one", progress=False, device="cpu")
     assert (res["micro_batch"], res["accumulation"]) == (4, 4)
     a, b = weights(tmp_path / "two" / "step-0000006"), weights(res["checkpoint"])

@@ -64,7 +64,7 @@ def test_bad_gmflow_settings_name_the_key(edit, message):
 def test_gm_init_names_a_velocity_run_of_the_same_network():
     cfg = _with(lambda c: c["runs"][RUN].update(train={"gm_init": "gmm-mode-cond"}))
     mc.check(cfg, ROOT)
-    assert mc.gm_init_run(cfg, RUN) == "gmm-mode-cond"
+    assert mc.network_runs(cfg, RUN) == ["gmm-mode-cond"]
     cfg["runs"]["gmm-mode-cond"]["method"] = "gmflow"
     with pytest.raises(mc.ConfigError, match="gm_init: 'gmm-mode-cond' is a gmflow run"):
         mc.check(cfg, ROOT)

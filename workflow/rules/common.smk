@@ -129,9 +129,8 @@ def train_inputs(wildcards):
         out["gmm"] = SPATIAL_GMM
         if spec["coupling"].startswith("mode"):
             out["cls_gmm"] = CLS_GMM
-    init = mc.train_settings(config, wildcards.run).get("gm_init")  # GMFlow: the velocity run replicated
-    if init is not None:
-        out["gm_init"] = ema_file(init) if init in config["runs"] else init
+    for key, net in mc.network_inputs(config, wildcards.run).items():  # gm_init, dmf_init, dmf_guide
+        out[key] = ema_file(net) if net in config["runs"] else net
     return out
 
 

@@ -62,8 +62,7 @@ sm = snakemake  # noqa: F821
 if Path(sm.output.ema) != run_dir / "ema.safetensors":
     raise ValueError(f"{sm.output.ema}: the train rule's output must be the run folder's ema.safetensors")
 settings = mc.with_gmm_files(sm.params.train, sm.input.get("gmm"), sm.input.get("cls_gmm"))
-if sm.input.get("gm_init"):  # a run name becomes that run's export
-    settings["gm_init"] = str(sm.input.gm_init)
+settings = mc.with_network_files(settings, sm.config, sm.wildcards.run, dict(sm.input.items()))  # runs: their exports
 flags = mc.launch_flags(dict(sm.resources.items()), sm.threads, sm.config.get("allow_cpu_fallback", False))
 with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=Path(sm.log[0]).parent, delete=False) as f:
     yaml.safe_dump(settings, f, sort_keys=False)  # the run's settings (mmfm train copies them to train.yaml)

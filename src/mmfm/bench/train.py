@@ -119,6 +119,20 @@ def count_flops(model: torch.nn.Module, batch: tuple, y=None) -> int:
     return int(counter.get_total_flops())
 
 
+def count_objective_flops(step, inputs: dict, rows: int) -> int:
+    """FLOPs of the objective's network calls and backward on ``rows`` rows of one step (DMF: the diagonal
+    branch, the JVP or the two no-grad passes of the difference, the backward), forward-mode tangents included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch, cond, _ = step.draw(inputs["x1"], inputs["cls"], inputs["label"], 0)
+    part = {k: (v[:rows] if v is not None else None) for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        per_row, _ = step.objective.forward_loss(step.model, step.inner, part, {k: c[:rows] for k, c in cond.items()})
+        per_row.mean().backward()
+    step.raw.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
 class HostSyncCounter(TorchDispatchMode):
     """Counts the operators that make the host wait for the device: ``aten._local_scalar_dense`` (behind
     ``item()``, ``float()``, ``int()``, ``bool()`` of a tensor) and those whose output shape depends on
@@ -178,6 +192,10 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     if method == "gmflow":
         head = {"head": "gm", "gm_components": cfg.gm_components, "gm_groups": cfg.gm_groups_for(in_channels),
                 "gm_logstd_hidden": cfg.gm_logstd_hidden, "gm_logstd_layers": cfg.gm_logstd_layers}
+    if method.startswith("dmf"):
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "dmf", "model": preset,
+                                     "dmf_derivative": method.removeprefix("dmf-")})
+        head = {"dmf_depth": cfg.dmf_depth_of()}
     model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
                         num_classes=labels, class_dropout_prob=0.1 if conditioning == "class" else 0.0,
                         **head).to(device)
@@ -197,10 +215,11 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
         source = GaussianSource((num_tokens, in_channels))
         coupling = make_coupling("independent", source)
     objective = None
-    if method == "gmflow":
-        from mmfm.train.objective import GMFlowObjective
+    if method != "fm":
+        from mmfm.train.objective import make_objective
 
-        objective = GMFlowObjective(source, cfg.gm_trans_ratio, cfg.gm_loss_scale)
+        objective = make_objective(cfg if method.startswith("dmf") else TrainConfig.from_dict({"method": "gmflow"}),
+                                   source, dim=num_tokens * in_channels)
     times = TimeSampler("logit_normal", shift=shift_factor(num_tokens * in_channels))
     net = torch.compile(model) if compile else model
     autocast = contextlib.nullcontext
@@ -219,7 +238,7 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     return step, inputs, model
 
 
-METHODS = ("fm", "gmflow")
+METHODS = ("fm", "gmflow", "dmf")
 
 
 def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup: int = 2, in_channels: int = 768,
@@ -229,7 +248,9 @@ def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup:
 
     ``method`` ``gmflow``: the GMFlow step (GM head, transition loss), and beside it, measured in the same run
     on the same preset and batch, the flow-matching step (``fm``: its steps/s, FLOPs and parameters) and the
-    ratios ``gmflow / fm`` (``overhead``)."""
+    ratios ``gmflow / fm`` (``overhead``). ``dmf``: the DMF fine-tune's step with the JVP (the figures) and with
+    the central difference (``fd``), each beside ``fm`` (``overhead``, ``fd_overhead``); FLOPs are counted over
+    the objective's whole step (both branches, the tangents, the backward)."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     args = (preset, batch, steps, warmup, in_channels, num_tokens, device, compile, seed, conditioning, modes,
@@ -238,10 +259,15 @@ def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup:
         return _bench_train(*args, "fm")
     _bench_train(*args[:2], 1, 1, *args[4:], "fm")  # the process's first step pays one-time costs: not timed
     anchor = _bench_train(*args, "fm")
-    out = _bench_train(*args, method)
-    keys = ("steps_per_s", "flops_per_sample", "parameters", "peak_memory_gb")
+    keys = ("steps_per_s", "flops_per_sample", "parameters", "peak_memory_gb", "peak_memory_gb_per_sample")
+    ratio = (lambda a: {k: a[k] / anchor[k] for k in keys if a[k] is not None and anchor[k]})  # noqa: E731
+    out = _bench_train(*args, "dmf-jvp" if method == "dmf" else method)
+    if method == "dmf":
+        fd = _bench_train(*args, "dmf-fd")
+        out["fd"] = {k: fd[k] for k in keys + ("host_syncs_per_step",)}
+        out["fd_overhead"] = ratio(fd)
     out["fm"] = {k: anchor[k] for k in keys}
-    out["overhead"] = {k: out[k] / anchor[k] for k in keys if out[k] is not None and anchor[k]}
+    out["overhead"] = ratio(out)
     return out
 
 
@@ -262,7 +288,7 @@ def _bench_train(preset, batch, steps, warmup, in_channels, num_tokens, device, 
     y = {"none": None, "class": inputs["label"], "mode": torch.zeros(batch, dtype=torch.long, device=device)}[
         conditioning]
     y = None if y is None else y[:batch]
-    flops = count_flops(model, (x, t, x), y)
+    flops = count_objective_flops(step, inputs, batch) if method.startswith("dmf") else count_flops(model, (x, t, x), y)
     breaks = graph_breaks(model, x, t, y) if compile else None
     at = 0
 
@@ -291,6 +317,7 @@ def _bench_train(preset, batch, steps, warmup, in_channels, num_tokens, device, 
     per_step = batch * accumulation
     sps = per_step * steps / seconds
     fps = flops / batch
+    peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"preset": preset, "method": method, "device": name, "conditioning": conditioning, "batch": batch,
             "accumulation": accumulation, "steps": steps, "precision": "bf16" if device.type == "cuda" else "fp32",
             "compile": compile, "parameters": count_parameters(model), "latent": [num_tokens, in_channels],
@@ -299,4 +326,4 @@ def _bench_train(preset, batch, steps, warmup, in_channels, num_tokens, device, 
             "mfu": None if peak is None else fps * sps / peak,
             "host_syncs_per_step": counter.count / 2, "host_sync_ops": counter.ops, "graph_breaks": breaks,
             "release_a100_samples_per_s": RELEASE_A100_SAMPLES_PER_S,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+            "peak_memory_gb": peak_gb, "peak_memory_gb_per_sample": None if peak_gb is None else peak_gb / batch}

@@ -44,12 +44,17 @@ class RAEConvention(nn.Module):
     """Run a network trained in RAE's convention as a velocity field in the paper's convention.
 
     ``v(x, t, **cond) = -net(x, 1 - t, **cond)``. Wrap a released RAE / MM-FM checkpoint with this once;
-    nothing else in the package flips signs or times.
+    nothing else in the package flips signs or times. A DMF flow map copied from one: ``U(x, t, r) =
+    -net(x, 1 - t, r=1 - r)`` (its log-variance, with ``return_logvar``, is not negated).
     """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        return -self.net(x, 1.0 - t, **cond)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None, return_logvar: bool = False,
+                **cond):
+        if r is None and not return_logvar:
+            return -self.net(x, 1.0 - t, **cond)
+        out = self.net(x, 1.0 - t, r=None if r is None else 1.0 - r, return_logvar=return_logvar, **cond)
+        return (-out[0], out[1]) if return_logvar else -out

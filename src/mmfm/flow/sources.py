@@ -186,12 +186,24 @@ class GaussianMixtureSource:
             _checks.labels("modes", modes, self.num_modes, batch=n)
         dev = _device_of(generator, device) or self.means.device
         eps = _noise(noise, n, share, self.event_shape, generator, dev)
+        return self.from_noise(eps, modes), modes.to(dev)
+
+    def component(self, modes: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu_k (n, *event_shape), sigma_k^2)`` float32 of each row's mode ``k = modes`` (``(n,)``), on
+        ``device`` (default the means'): the variances ``(n,)`` (spherical) or like the means (diag). Means stored
+        in float16 / bfloat16 are gathered per row and cast to float32."""
+        device = self.means.device if device is None else device
         idx = modes.to(self.means.device)
-        mean = self.means[idx].to(device=dev, dtype=torch.float32)
-        std = self.variances[idx].to(device=dev, dtype=torch.float32).sqrt()
+        return (self.means[idx].to(device=device, dtype=torch.float32),
+                self.variances[idx].to(device=device, dtype=torch.float32))
+
+    def from_noise(self, eps: torch.Tensor, modes: torch.Tensor) -> torch.Tensor:
+        """``x0 = mu_k + sigma_k * eps`` for standard normal ``eps`` ``(n, *event_shape)`` and each row's mode."""
+        mean, var = self.component(modes, eps.device)
+        std = var.sqrt()
         if self.covariance == "spherical":
-            std = std.reshape(n, *([1] * len(self.event_shape)))
-        return mean + std * eps, modes.to(dev)
+            std = std.reshape(-1, *([1] * len(self.event_shape)))
+        return mean + std * eps
 
     # ----------------------------------------------------------------------------------------------
     # density

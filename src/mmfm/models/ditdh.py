@@ -18,6 +18,12 @@ With ``head="gm"`` (GMFlow, docs/gmflow.md §2; :mod:`mmfm.models.gm_head`) the 
 :class:`~mmfm.models.gm_head.LogStdMLP` (``logstd_mlp``) reads the conditioning embedding
 ``e = t_emb [+ y_emb]`` before its SiLU; ``forward`` then returns a :class:`mmfm.flow.gm.GMOutput`. Every
 other name and shape is the velocity network's.
+
+With ``dmf_depth = d`` (Decoupled MeanFlow, docs/dmf.md §2) the network is a flow map ``U(x, t, r)``, the average
+velocity from ``t`` to ``r >= t``: the first ``d`` encoder blocks are conditioned on ``c_t = SiLU(t_emb [+ y_emb])``,
+the others on ``c_r = SiLU(r_emb [+ y_emb])`` (one shared ``t_embedder``), and the head reads
+``s = s_projector(SiLU(r_emb + s))``. A :class:`LogVarHead` (``logvar_head``) gives the robust loss's ``l(t, r)``.
+With ``r`` left out (``r = t``) the output is the velocity network's of the same weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -83,6 +89,31 @@ class PatchEmbed(nn.Module):
         return grid_to_tokens(self.proj(tokens_to_grid(x)))
 
 
+class LogVarHead(nn.Module):
+    """DMF's log-variance ``l(t, r)`` ``(B,)``: fixed features ``[cos(w t), sin(w t), cos(w r), sin(w r)]`` at the 64
+    frequencies ``w_i = 10000^(-i / 64)`` (256 in all) into ``linear``, a zero-initialized ``Linear(256, 1)``."""
+
+    FREQUENCIES = 64
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4 * self.FREQUENCIES, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def features(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``(B, 256)`` float32 (float64 for float64 times)."""
+        n = self.FREQUENCIES  # (computed, not a buffer: a network built on the meta device loads weights only)
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        w = 10000.0 ** (-torch.arange(n, device=t.device, dtype=dtype) / n)
+        at, ar = t.to(dtype)[:, None] * w, r.to(dtype)[:, None] * w
+        return torch.cat([at.cos(), at.sin(), ar.cos(), ar.sin()], dim=-1)
+
+    def forward(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        out = self.linear(self.features(t, r).to(self.linear.weight.dtype)).squeeze(-1)
+        return out if out.dtype == torch.float64 else out.float()
+
+
 class DiTDH(nn.Module):
     """DiT encoder + wide DDT head velocity network (see the module docstring).
 
@@ -102,6 +133,8 @@ class DiTDH(nn.Module):
         gm_groups: ``G`` channel groups per token, dividing ``in_channels`` (required for head ``"gm"``).
         gm_logstd_hidden, gm_logstd_layers: width and Linear count of the log-std MLP.
         gm_mean_init_noise: std of the means' bias noise at init (symmetry breaking; 0 for none).
+        dmf_depth: ``None`` (a velocity network) or ``d`` in ``[1, depth]``: a DMF flow map whose first ``d``
+            encoder blocks see ``t``, the rest and the head ``r`` (velocity head only).
     """
 
     def __init__(
@@ -125,10 +158,17 @@ class DiTDH(nn.Module):
         gm_logstd_hidden: int = 1024,
         gm_logstd_layers: int = 2,
         gm_mean_init_noise: float = 0.1,
+        dmf_depth: int | None = None,
     ):
         super().__init__()
         _checks.choice("conditioning", conditioning, CONDITIONINGS)
         _checks.choice("head", head, HEADS)
+        if dmf_depth is not None:
+            if not (isinstance(dmf_depth, int) and not isinstance(dmf_depth, bool) and 1 <= dmf_depth <= depth):
+                raise ValueError(f"dmf_depth: expected an integer in [1, {depth}] (the encoder blocks that see t), "
+                                 f"got {dmf_depth!r}")
+            if head != "velocity":
+                raise ValueError(f"dmf_depth: a DMF flow map has the velocity head, not {head!r}")
         if head == "gm":
             if gm_groups is None:
                 raise ValueError("gm_groups: head 'gm' needs the number of channel groups per token (cells)")
@@ -161,6 +201,7 @@ class DiTDH(nn.Module):
         self.conditioning, self.num_classes = conditioning, num_classes
         self.depth = depth
         self.head = head
+        self.dmf_depth = dmf_depth
         self.side = side // patch_size
         patch_dim = in_channels * patch_size * patch_size
 
@@ -175,6 +216,8 @@ class DiTDH(nn.Module):
             self.gm_components, self.gm_groups, self.gm_mean_init_noise = gm_components, gm_groups, gm_mean_init_noise
             self.final_layer.linear = GMHead(head_hidden_size, in_channels, gm_components, gm_groups)
             self.logstd_mlp = LogStdMLP(hidden_size, gm_logstd_hidden, gm_logstd_layers)
+        if dmf_depth is not None:
+            self.logvar_head = LogVarHead()
         self.pos_embed = nn.Parameter(torch.zeros(1, self.side**2, hidden_size), requires_grad=False)
         self.enc_feat_rope = Rope2D(hidden_size // num_heads, self.side)
         self.dec_feat_rope = Rope2D(head_hidden_size // head_num_heads, self.side)
@@ -226,38 +269,56 @@ class DiTDH(nn.Module):
         return grid_to_tokens(grid)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                drop: torch.Tensor | None = None) -> torch.Tensor | GMOutput:
+                drop: torch.Tensor | None = None, r: torch.Tensor | None = None,
+                return_logvar: bool = False):
         """Velocity ``(B, N, C)`` at noisy tokens ``x`` ``(B, N, C)`` and times ``t`` ``(B,)``; with head
         ``"gm"`` a :class:`~mmfm.flow.gm.GMOutput`: means ``(B, J, N, C)``, logits ``(B, J, N, G)``,
         ``log s`` ``(B,)`` (:class:`~mmfm.models.gm_head.GMMeanVelocity` gives its mean velocity).
 
         ``y``: ``(B,)`` labels (class or mode); ignored by an unconditional network. ``drop``: optional
         ``(B,)`` bool mask forcing the null label (CFG training with an explicit generator).
+
+        A flow map (``dmf_depth``): ``r`` ``(B,)`` the target times (``None``: ``r = t``, the velocity) gives
+        ``U(x, t, r)`` ``(B, N, C)``, and ``(U, logvar (B,))`` with ``return_logvar``.
         """
         _checks.shape("x", x, (None, self.num_tokens, self.in_channels))
         b = x.shape[0]
         _checks.shape("t", t, (b,))
+        if self.dmf_depth is None and (r is not None or return_logvar):
+            raise ValueError("r: this network is not a flow map (dmf_depth is None); it takes no target time or "
+                             "log-variance")
+        if r is not None:
+            _checks.shape("r", r, (b,))
         t_emb = self.t_embedder(t)
+        r_emb = t_emb if r is None else self.t_embedder(r)
         if self.conditioning == "none":
             e = t_emb
+            e_r = r_emb
         else:
             if y is None:
                 raise ValueError(f"y: a {self.conditioning}-conditional network needs labels of shape ({b},)")
             rows = self.y_embedder.embedding_table.num_embeddings
             _checks.labels("y", y, rows, batch=b)
-            e = t_emb + self.y_embedder(y, drop)  # one label draw, shared by c and the log-std MLP
+            y_emb = self.y_embedder(y, drop)  # one label draw, shared by c, c_r and the log-std MLP
+            e = t_emb + y_emb
+            e_r = e if r is None else r_emb + y_emb
         c = F.silu(e)
+        c_r = c if r is None else F.silu(e_r)
+        split = self.depth if self.dmf_depth is None else self.dmf_depth
         s = self.s_embedder(x) + self.pos_embed
-        for block in self.blocks[: self.depth]:
-            s = block(s, c, self.enc_feat_rope)
-        s = self.s_projector(F.silu(t_emb.unsqueeze(1) + s))
+        for i, block in enumerate(self.blocks[: self.depth]):
+            s = block(s, c if i < split else c_r, self.enc_feat_rope)
+        s = self.s_projector(F.silu(r_emb.unsqueeze(1) + s))
         h = self.x_embedder(x)
         for block in self.blocks[self.depth:]:
             h = block(h, s, self.dec_feat_rope)
         if self.head == "gm":
             means, logits = self.final_layer(h, s)
             return GMOutput(means, logits, self.logstd_mlp(e))
-        return self._unpatchify(self.final_layer(h, s))
+        out = self._unpatchify(self.final_layer(h, s))
+        if return_logvar:
+            return out, self.logvar_head(t, t if r is None else r)
+        return out
 
 
 def build_ditdh(preset: str, *, in_channels: int = 768, num_tokens: int = 256, conditioning: str = "none",
@@ -267,7 +328,7 @@ def build_ditdh(preset: str, *, in_channels: int = 768, num_tokens: int = 256, c
     """A DiTDH from a preset name (``ditdh-s``, ``-b``, ``-l``, ``-xl``, ``-demo``, ``-tiny``).
 
     ``head="gm"`` builds the GMFlow network (``gm_groups`` required; see :class:`DiTDH`); the ``gm_*``
-    arguments are ignored for the velocity head."""
+    arguments are ignored for the velocity head. ``dmf_depth=d`` (an override) builds a DMF flow map."""
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown DiTDH preset {preset!r}; expected one of {sorted(PRESETS)}")
     kw = {**PRESETS[preset], **overrides}
@@ -276,6 +337,24 @@ def build_ditdh(preset: str, *, in_channels: int = 768, num_tokens: int = 256, c
                   gm_logstd_layers=gm_logstd_layers, gm_mean_init_noise=gm_mean_init_noise)
     return DiTDH(in_channels, num_tokens, conditioning=conditioning, num_classes=num_classes,
                  class_dropout_prob=class_dropout_prob, head=head, **kw)
+
+
+def load_flowmap_init(net: DiTDH, state: dict[str, torch.Tensor], path) -> None:
+    """Load a velocity DiTDH's state dict (an ``fm`` export of ``path``) into the flow map ``net`` of the same shapes:
+    strict, except that the ``logvar_head`` keys may be absent (they keep their zero init). Raises ``ValueError``
+    naming ``dmf_init``, ``path`` and the first missing / unexpected / mis-shaped keys."""
+    if getattr(net, "dmf_depth", None) is None:
+        raise ValueError("dmf_init: the network to initialize is not a flow map (build it with dmf_depth)")
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith("logvar_head.")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(lst)} {name}, first {lst[:3]}" for name, lst in
+                 (("missing", missing), ("unexpected", unexpected), ("of the wrong shape", wrong)) if lst]
+        raise ValueError(f"dmf_init: {path} does not load into this flow map: " + "; ".join(parts))
+    net.load_state_dict({**{k: v for k, v in expected.items() if k.startswith("logvar_head.")}, **state})
 
 
 def count_parameters(model: nn.Module) -> int:

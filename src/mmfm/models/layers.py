@@ -32,7 +32,7 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in float32."""
+    """``y = x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (in float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x if x.dtype == torch.float64 else x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
@@ -162,7 +162,8 @@ class GaussianFourierEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * num_frequencies, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        arg = 2 * math.pi * t.float()[:, None] * self.W.detach()[None, :]
+        t = t if t.dtype == torch.float64 else t.float()  # (a float64 network keeps float64 times)
+        arg = 2 * math.pi * t[:, None] * self.W.detach()[None, :]
         return self.mlp(torch.cat([arg.sin(), arg.cos()], dim=-1).to(self.mlp[0].weight.dtype))
 
 

@@ -81,6 +81,8 @@ def network_from_metadata(meta: dict) -> nn.Module:
     overrides = {k: v for k, v in (meta.get("model_overrides") or {}).items() if k != "patch_size" and k not in gm_keys}
     if meta["preset"] != "mlp":
         overrides["patch_size"] = meta.get("patch_size", 1)
+    if meta.get("dmf_depth") is not None:  # a DMF flow map (at r = t, the velocity)
+        overrides["dmf_depth"] = int(meta["dmf_depth"])
     if network_head(meta) == "gm":
         if meta["preset"] == "mlp":
             raise ValueError("head: the 'mlp' network has no GM head; use a DiTDH preset")
@@ -210,7 +212,9 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
     is returned as is. DiTDH takes tokens, so no layout adapter is involved. The module is in eval mode with
     gradients off; the network itself is ``.net`` of the wrapper.
 
-    A GMFlow export (``head: gm``) is returned as its mean velocity ``sum_j A_j mu_j``:
+    A DMF export (``dmf_depth`` recorded) is its flow map ``U(x, t, r)``, whose ``r = None`` is ``r = t``: the
+    velocity; :func:`load_flowmap_model` says it is one. A GMFlow export (``head: gm``) is returned as its mean
+    velocity ``sum_j A_j mu_j``:
     :class:`~mmfm.models.gm_head.GMMeanVelocity` around the network (around
     :class:`~mmfm.models.gm_head.GMRAEConvention` of it for ``"rae"``); :func:`load_gm_model` gives the mixture.
     """
@@ -240,6 +244,21 @@ def load_gm_model(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.eval()
 
 
-__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_gm_model",
-           "load_velocity_model", "network_from_metadata", "network_head", "read_metadata", "recorded_source",
+def load_flowmap_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """The flow map ``U(x, t, r=..., y=None)`` of a DMF export (``method: dmf``, ``dmf_depth`` recorded) in the paper's
+    convention (wrapped once in :class:`mmfm.flow.RAEConvention` for ``"rae"``), eval mode, gradients off.
+
+    Raises ``ValueError`` naming the file for any other export (sample that with an ODE solver)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("dmf_depth") is None:
+        raise ValueError(f"{path}: not a DMF flow map (a method {meta.get('method', 'fm')!r} export without "
+                         "dmf_depth); flowmap samplers need a run of method dmf; sample this one with euler, heun, "
+                         "midpoint or dopri5")
+    net, meta = _load_network(path, device)
+    return (RAEConvention(net) if meta["time_convention"] == "rae" else net).eval()
+
+
+__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_flowmap_model",
+           "load_gm_model", "load_velocity_model", "network_from_metadata", "network_head", "read_metadata", "recorded_source",
            "source_fingerprint", "source_record", "tokenizer_record"]

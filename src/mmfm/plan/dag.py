@@ -55,7 +55,7 @@ class Job:
 
 def trained_runs(config: dict) -> list[str]:
     """Runs whose ``ema.safetensors`` some rule needs: the evaluated runs, their guide runs and the velocity runs
-    a GMFlow head is replicated from (``gm_init``), in config order."""
+    another run's training reads (GMFlow's ``gm_init``, DMF's ``dmf_init`` and ``dmf_guide``), in config order."""
     need, todo = set(), list(mc.evaluated_runs(config))
     while todo:
         run = todo.pop()
@@ -64,8 +64,7 @@ def trained_runs(config: dict) -> list[str]:
         need.add(run)
         if (g := mc.guide_run(config, run)) is not None and run in mc.evaluated_runs(config):
             todo.append(g)
-        if (init := mc.gm_init_run(config, run)) is not None:
-            todo.append(init)
+        todo.extend(mc.network_runs(config, run))
     return [r for r in mc.run_names(config) if r in need]
 
 

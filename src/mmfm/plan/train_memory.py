@@ -73,7 +73,27 @@ def _network_flops(cfg, labels: int, micro: int, num_tokens: int, token_dim: int
         net = build_model(cfg, num_tokens, token_dim, labels)
         x = torch.empty(micro, num_tokens, token_dim)
         y = None if cfg.conditioning == "none" else torch.zeros(micro, dtype=torch.long)
+        if cfg.method == "dmf":  # both branches, the JVP's tangents (or the difference's passes), the guidance
+            return _dmf_flops(cfg, net, x, y)
         return count_flops(net, (x, torch.empty(micro), x), y)
+
+
+def _dmf_flops(cfg, net, x: torch.Tensor, y) -> int:
+    """FLOPs of DMF's objective (:class:`~mmfm.train.objective.FlowMapObjective`) and its backward on ``x``'s rows,
+    the online network standing in for the guide and the init network."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmfm.flow.sources import GaussianSource
+    from mmfm.train.objective import make_objective
+
+    stand_in = net if cfg.dmf_guidance != "none" else None
+    objective = make_objective(cfg, GaussianSource(x.shape[1:]), guide=stand_in, main=stand_in)
+    t = torch.full((x.shape[0],), 0.5)
+    batch = {"x": x, "t": t, "u": x, "x_mf": x, "t_mf": t, "r_mf": t + 0.25, "u_mf": x}
+    with FlopCounterMode(display=False) as counter:
+        per_row, _ = objective.forward_loss(net, net, batch, {} if y is None else {"y": y})
+        per_row.mean().backward()
+    return int(counter.get_total_flops())
 
 
 def _tensor(shape, dtype, fake: bool, fill: float = 0.0) -> torch.Tensor:
@@ -137,12 +157,16 @@ def _trace(settings: dict, *, num_tokens: int, token_dim: int, cls_dim: int, num
             else contextlib.nullcontext
         times = TimeSampler(cfg.time_dist, mu=cfg.time_mu, sigma=cfg.time_sigma, interval=tuple(cfg.time_interval),
                             shift=cfg.shift(num_tokens * token_dim))
+        # DMF's training-time guidance: the online network stands in for the guide and the init network (their
+        # no-grad passes are traced; their weights, a DiTDH-S guide and a frozen copy for ag-distill, are not)
+        stand_in = raw if cfg.method == "dmf" and cfg.dmf_guidance != "none" else None
+        objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=stand_in, main=stand_in)
         step = _TracedStep(model=model, raw=raw, optimizer=optimizer, scheduler=scheduler, ema=ema,
                            coupling=coupling, times=times, path=LinearPath(),
                            generator=torch.Generator().manual_seed(cfg.seed), global_batch=cfg.global_batch,
                            micro=micro, accumulation=accum, rank=0, world=world_size, conditioning=cfg.conditioning,
                            class_dropout_prob=cfg.class_dropout_prob, weighting=weighting, autocast=autocast,
-                           grad_clip=cfg.grad_clip, seed=cfg.seed, objective=make_objective(cfg, source))
+                           grad_clip=cfg.grad_clip, seed=cfg.seed, objective=objective)
         x1 = to_device(_tensor((per_rank, num_tokens, token_dim), torch.float16, fake), "cpu", torch.float32)
         cls = (to_device(_tensor((per_rank, cls_dim), torch.float16, fake), "cpu", torch.float32)
                if cfg.coupling.startswith("mode") else None)

@@ -28,6 +28,17 @@ that names the key. Keys (defaults in brackets):
   ``gm_mean_init_noise`` [0.1] (symmetry breaking), ``gm_init`` [None] (an ``ema.safetensors`` of a velocity
   run to replicate into the head) and ``gm_allow_approx`` [False] (a GMM source without mode conditioning,
   where the Gaussian-kernel identities hold only given the drawn mode);
+- ``method: dmf`` (Decoupled MeanFlow, docs/dmf.md: a flow map ``U(x, t, r)`` fine-tuned from a velocity run,
+  ``model`` a DiTDH preset) with ``dmf_init`` [None] (the ``ema.safetensors`` of the velocity run it starts
+  from; None trains the flow map from scratch), ``dmf_depth`` [None: 5/7 of the preset's depth, 20 of
+  DiTDH-XL's 28] encoder blocks on ``t``, the rest and the DDT head on ``r``; ``dmf_derivative`` [``jvp``] or
+  ``fd`` (a central difference of step ``dmf_fd_eps`` [1e-3]); the MeanFlow branch's proposals ``dmf_time_t``
+  [(-0.4, 1.0)] and ``dmf_time_r`` [(1.2, 1.0)] (logit-normal ``(mean, std)`` in this convention, t = min,
+  r = max), shifted by ``dmf_proposal_shift`` [``"auto"``: the run's time shift] (the flow-matching branch
+  draws its times like any run: ``time_*``); ``dmf_loss_c`` [0.01] of the robust log loss; the training-time
+  guidance ``dmf_guidance`` [``none``], ``ag-mg`` or ``ag-distill`` with the autoguide ``dmf_guide`` [None]
+  (a velocity ``ema.safetensors``) at ``dmf_guidance_scale`` [1.5] over ``dmf_guidance_interval``
+  [(0.3, 1.0)];
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
   ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
   ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
@@ -51,6 +62,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmfm.flow.flowmap import DMF_DERIVATIVES
 from mmfm.models.ditdh import PRESETS
 
 SOURCES = ("gaussian", "gmm")
@@ -59,7 +71,9 @@ CONDITIONINGS = ("none", "class", "mode")
 PRECISIONS = ("fp32", "bf16")
 SOURCE_PRECISIONS = ("fp32", "fp16", "bf16")
 TIME_DISTS = ("logit_normal", "uniform")
-METHODS = ("fm", "gmflow")
+METHODS = ("fm", "gmflow", "dmf")
+#: DMF's training-time guidance here: the autoguided ones (MM-FM's runs have no null label for the peer's ``mg``)
+DMF_GUIDANCES = ("none", "ag-mg", "ag-distill")
 MODELS = tuple(PRESETS) + ("mlp",)
 
 
@@ -109,6 +123,18 @@ class TrainConfig:
     gm_mean_init_noise: float = 0.1
     gm_init: str | None = None
     gm_allow_approx: bool = False
+    dmf_init: str | None = None
+    dmf_depth: int | None = None
+    dmf_derivative: str = "jvp"
+    dmf_fd_eps: float = 1e-3
+    dmf_time_t: tuple[float, float] = (-0.4, 1.0)
+    dmf_time_r: tuple[float, float] = (1.2, 1.0)
+    dmf_proposal_shift: float | str = "auto"
+    dmf_loss_c: float = 0.01
+    dmf_guidance: str = "none"
+    dmf_guide: str | None = None
+    dmf_guidance_scale: float = 1.5
+    dmf_guidance_interval: tuple[float, float] = (0.3, 1.0)
     seed: int = 0
     checkpoint_every: int = 1000
     keep_last: int = 2
@@ -141,7 +167,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"train config: unknown key(s) {unknown}; known keys are {sorted(known)}")
         kw = dict(d)
-        for key in ("betas", "time_interval", "adaptive_clamp"):
+        for key in PAIRS:
             if key in kw:
                 v = kw[key]
                 if not (isinstance(v, (list, tuple)) and len(v) == 2):
@@ -156,7 +182,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples as lists), the inverse of :meth:`from_dict`."""
         out = dataclasses.asdict(self)
-        for key in ("betas", "time_interval", "adaptive_clamp"):
+        for key in PAIRS:
             out[key] = list(out[key])
         return out
 
@@ -236,6 +262,8 @@ class TrainConfig:
             raise ValueError("model: the 'mlp' velocity is unconditional; use a DiTDH preset for conditioning")
         if self.method == "gmflow":
             self._check_gmflow()
+        if self.method == "dmf":
+            self._check_dmf()
         if not 0 <= self.initial_steps <= self.decay_start <= self.decay_end:
             raise ValueError("initial_steps, decay_start, decay_end: expected 0 <= initial_steps <= decay_start "
                              f"<= decay_end, got {self.initial_steps}, {self.decay_start}, {self.decay_end}")
@@ -262,6 +290,59 @@ class TrainConfig:
             raise ValueError(f"gm_allow_approx: a GMM source with conditioning {self.conditioning!r} is approximate "
                              "for GMFlow (the network's mixture is marginal over the modes, the kernel is Gaussian "
                              "only given the mode); use conditioning: mode (exact), or set gm_allow_approx: true")
+
+    def _check_dmf(self) -> None:
+        """Decoupled MeanFlow's keys (docs/dmf.md §4)."""
+        if self.model == "mlp":
+            raise ValueError("model: method 'dmf' needs a DiTDH preset (its blocks are split between t and r); "
+                             "'mlp' has no blocks")
+        depth = PRESETS[self.model]["depth"] if "depth" not in self.model_overrides else self.model_overrides["depth"]
+        if self.dmf_depth is not None and not (isinstance(self.dmf_depth, int) and not isinstance(self.dmf_depth, bool)
+                                               and 1 <= self.dmf_depth <= depth):
+            raise ValueError(f"dmf_depth: expected an integer in [1, {depth}] (the encoder blocks of {self.model} "
+                             f"that see t; the rest and the DDT head see r), got {self.dmf_depth!r}")
+        for key, choices in (("dmf_derivative", DMF_DERIVATIVES), ("dmf_guidance", DMF_GUIDANCES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        for key in ("dmf_fd_eps", "dmf_loss_c", "dmf_guidance_scale"):
+            v = getattr(self, key)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{key}: expected a positive number, got {v!r}")
+        if self.dmf_fd_eps >= 0.1:
+            raise ValueError(f"dmf_fd_eps: expected a small step (< 0.1), got {self.dmf_fd_eps!r}")
+        for key in ("dmf_time_t", "dmf_time_r"):
+            mu, sd = getattr(self, key)
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (mu, sd)) \
+                    or sd <= 0:
+                raise ValueError(f"{key}: expected [mean, std] of logit(t) with std > 0, got {list(getattr(self, key))}")
+        shift = self.dmf_proposal_shift
+        if shift != "auto" and not (isinstance(shift, (int, float)) and not isinstance(shift, bool)
+                                    and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"dmf_proposal_shift: expected 'auto' or a positive number, got {shift!r}")
+        lo, hi = self.dmf_guidance_interval
+        if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and 0 <= lo < hi <= 1):
+            raise ValueError(f"dmf_guidance_interval: expected 0 <= lo < hi <= 1, got {list(self.dmf_guidance_interval)}")
+        for key in ("dmf_init", "dmf_guide"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"{key}: expected a file path, got {v!r}")
+        if self.dmf_guidance == "ag-distill" and not self.dmf_init:
+            raise ValueError("dmf_init: dmf_guidance 'ag-distill' distils the init network's autoguided velocity; "
+                             "give dmf_init")
+        if self.dmf_guidance_scale < 1 and self.dmf_guidance == "ag-mg":
+            raise ValueError(f"dmf_guidance_scale: ag-mg bakes in autoguidance at a scale >= 1 (omega = 1 - 1/w), "
+                             f"got {self.dmf_guidance_scale!r}")
+
+    def dmf_depth_of(self) -> int:
+        """``dmf_depth``, or its default: 5/7 of the encoder's depth (DMF's 20 of 28), at least 1."""
+        if self.dmf_depth is not None:
+            return self.dmf_depth
+        depth = int(self.model_overrides.get("depth", PRESETS[self.model]["depth"]))
+        return max(1, round(depth * 5 / 7))
+
+    def proposal_shift(self, dim: int) -> float:
+        """The MeanFlow proposals' shift: ``dmf_proposal_shift``, or the run's time shift (``auto``)."""
+        return self.shift(dim) if self.dmf_proposal_shift == "auto" else float(self.dmf_proposal_shift)
 
     def gm_groups_for(self, token_dim: int) -> int:
         """``gm_groups``, or its default for tokens of width ``D``: cells of 16 channels when 16 divides ``D``
@@ -305,6 +386,9 @@ class TrainConfig:
             return max(1.0, shift_factor(dim))
         return float(self.time_shift)
 
+
+#: Keys given as pairs (lists in YAML / JSON).
+PAIRS = ("betas", "time_interval", "adaptive_clamp", "dmf_time_t", "dmf_time_r", "dmf_guidance_interval")
 
 #: Keys that may change between a run and its resumption (they do not change what was trained so far).
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_last", "log_every", "compile", "tensorboard", "eval_every",

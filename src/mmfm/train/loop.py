@@ -65,7 +65,7 @@ from mmfm import io
 from mmfm.data.prefetch import Prefetch, to_device
 from mmfm.data.stream import ShardStream
 from mmfm.flow.couplings import make_coupling
-from mmfm.flow.path import LinearPath
+from mmfm.flow.path import LinearPath, RAEConvention
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import TimeSampler
 from mmfm.models.velocity import build_velocity_network, source_record, tokenizer_record
@@ -122,6 +122,8 @@ def head_settings(cfg: TrainConfig, token_dim: int) -> dict:
     """The output head's keyword arguments of ``build_ditdh`` (and the export's metadata): ``{}`` for a velocity
     network; ``head: gm`` with ``gm_components``, ``gm_groups``, ``gm_logstd_hidden``, ``gm_logstd_layers`` for
     ``method: gmflow``."""
+    if cfg.method == "dmf":
+        return {"dmf_depth": cfg.dmf_depth_of()}
     if cfg.method != "gmflow":
         return {}
     return {"head": "gm", "gm_components": cfg.gm_components, "gm_groups": cfg.gm_groups_for(token_dim),
@@ -133,7 +135,7 @@ def build_model(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: i
     (:func:`mmfm.models.velocity.build_velocity_network`), with GMFlow's head for ``method: gmflow``.
     ``num_labels``: rows of the label table (classes or modes; 0 when unconditional)."""
     head = head_settings(cfg, token_dim)
-    if head:
+    if cfg.method == "gmflow":
         head["gm_mean_init_noise"] = cfg.gm_mean_init_noise
     return build_velocity_network(cfg.model, in_channels=token_dim, num_tokens=num_tokens,
                                   conditioning=cfg.conditioning, num_classes=num_labels,
@@ -150,21 +152,59 @@ def replicate_init(cfg: TrainConfig, raw: nn.Module, num_tokens: int, token_dim:
     from mmfm.models.velocity import read_metadata
 
     meta = read_metadata(cfg.gm_init)
-    if meta.get("head", "velocity") != "velocity":
-        raise ValueError(f"gm_init: {cfg.gm_init} is a GMFlow export already; give a velocity network")
-    mine = (num_tokens, token_dim, cfg.conditioning, num_labels if cfg.conditioning != "none" else 0)
-    theirs = (meta["num_tokens"], meta["in_channels"], meta["conditioning"],
-              meta["num_classes"] if meta["conditioning"] != "none" else 0)
-    if meta["preset"] != cfg.model or mine != theirs:
-        raise ValueError(f"gm_init: {cfg.gm_init} is a {meta['preset']} over {theirs[:2]} tokens with conditioning "
-                         f"{theirs[2]!r} ({theirs[3]} labels); this run is a {cfg.model} over {mine[:2]} with "
-                         f"{mine[2]!r} ({mine[3]} labels)")
+    _check_init("gm_init", cfg.gm_init, meta, cfg, num_tokens, token_dim, num_labels)
     arrays, _ = io.open_tensors(cfg.gm_init)
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     gen = torch.Generator().manual_seed(derived_seed(cfg.seed, 7))
     replicate_velocity_head(raw, state, noise=cfg.gm_mean_init_noise, generator=gen,
                             convention=meta["time_convention"])
     return meta["time_convention"]
+
+
+def _check_init(key: str, path: str, meta: dict, cfg: TrainConfig, num_tokens: int, token_dim: int,
+                num_labels: int) -> None:
+    """``path`` (an export named by ``key``) is a velocity network of this run's preset, shapes and labels."""
+    if meta.get("head", "velocity") != "velocity" or meta.get("method", "fm") != "fm":
+        raise ValueError(f"{key}: {path} is a {meta.get('method', 'fm')} export (head {meta.get('head')!r}); give "
+                         "a velocity network (method fm)")
+    mine = (num_tokens, token_dim, cfg.conditioning, num_labels if cfg.conditioning != "none" else 0)
+    theirs = (meta["num_tokens"], meta["in_channels"], meta["conditioning"],
+              meta["num_classes"] if meta["conditioning"] != "none" else 0)
+    if meta["preset"] != cfg.model or mine != theirs:
+        raise ValueError(f"{key}: {path} is a {meta['preset']} over {theirs[:2]} tokens with conditioning "
+                         f"{theirs[2]!r} ({theirs[3]} labels); this run is a {cfg.model} over {mine[:2]} with "
+                         f"{mine[2]!r} ({mine[3]} labels)")
+
+
+def flowmap_init(cfg: TrainConfig, raw: nn.Module, num_tokens: int, token_dim: int, num_labels: int) -> str:
+    """``dmf_init``: load a trained velocity network (an ``fm`` export or an imported release) into the flow map
+    ``raw`` (its log-variance head stays zero: at ``r = t`` the flow map is that network,
+    :func:`mmfm.models.ditdh.load_flowmap_init`). Returns the copy's time convention (``rae`` for a release: the
+    flow map is then trained behind :class:`~mmfm.flow.path.RAEConvention` and exported in RAE's convention)."""
+    from mmfm.models.ditdh import load_flowmap_init
+    from mmfm.models.velocity import read_metadata
+
+    meta = read_metadata(cfg.dmf_init)
+    _check_init("dmf_init", cfg.dmf_init, meta, cfg, num_tokens, token_dim, num_labels)
+    arrays, _ = io.open_tensors(cfg.dmf_init)
+    load_flowmap_init(raw, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, cfg.dmf_init)
+    return meta["time_convention"]
+
+
+def dmf_networks(cfg: TrainConfig, device) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(guide, main)`` of DMF's training-time guidance: the autoguide ``dmf_guide`` (``ag-mg``, ``ag-distill``)
+    and the frozen init network ``dmf_init`` (``ag-distill``), velocity fields in the paper's convention (eval, no
+    grad); None where the guidance needs none."""
+    from mmfm.models.velocity import load_velocity_model
+
+    if cfg.method != "dmf" or cfg.dmf_guidance == "none":
+        return None, None
+    if not cfg.dmf_guide:
+        raise ValueError(f"dmf_guide: dmf_guidance {cfg.dmf_guidance!r} needs the autoguide (a velocity "
+                         "ema.safetensors; in the workflow the init run's sample.guide by default)")
+    guide = load_velocity_model(cfg.dmf_guide, device)
+    main = load_velocity_model(cfg.dmf_init, device) if cfg.dmf_guidance == "ag-distill" else None
+    return guide, main
 
 
 SOURCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -411,9 +451,12 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     convention = "paper"
     if cfg.method == "gmflow" and cfg.gm_init:  # (a resumed run then loads its checkpoint over it)
         convention = replicate_init(cfg, raw, num_tokens, token_dim, num_labels)
+    if cfg.method == "dmf" and cfg.dmf_init:
+        convention = flowmap_init(cfg, raw, num_tokens, token_dim, num_labels)
     raw = raw.to(device)
     raw.train()
-    objective = make_objective(cfg, source)
+    guide, main = dmf_networks(cfg, device)
+    objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=guide, main=main)
     optimizer = make_optimizer(raw.parameters(), cfg)
     lr_schedule = cfg.lr_schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
@@ -439,10 +482,13 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     last_ckpt = ckpt
 
     called: nn.Module = raw
-    if convention == "rae":  # a head replicated from a release: RAE's time and sign, the means only
-        from mmfm.models.gm_head import GMRAEConvention
+    if convention == "rae":  # a network copied from a release: RAE's time and sign (a GM head's means only)
+        if cfg.method == "gmflow":
+            from mmfm.models.gm_head import GMRAEConvention
 
-        called = GMRAEConvention(raw)
+            called = GMRAEConvention(raw)
+        else:
+            called = RAEConvention(raw)
     model: nn.Module = torch.compile(called) if cfg.compile else called
     if distributed:
         # gradients as views of DDP's buckets: no second copy of them (2.7 GB for DiTDH-XL)
@@ -459,7 +505,7 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
                            global_batch=cfg.global_batch, micro=micro, accumulation=accum, rank=rank, world=world,
                            conditioning=cfg.conditioning, class_dropout_prob=cfg.class_dropout_prob,
                            weighting=weighting, autocast=autocast, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                           objective=objective)
+                           objective=objective, inner=called)
     control = _control_group(distributed)  # the stop-signal vote: host tensors, no GPU sync
 
     stream_state = stream.state_dict()  # the position after the last batch consumed
@@ -576,7 +622,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
 def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_labels: int, shift: float, device,
                path: Path, start: int, metrics: _Metrics, convention: str = "paper"):
     """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``; a
-    GMFlow network is sampled by Euler on its mixture's mean velocity (the same sampler as every run)."""
+    GMFlow network is sampled by Euler on its mixture's mean velocity, a DMF flow map on its velocity ``U(x, t, t)``
+    (the same sampler as every run)."""
     reference = reference_stats(shards, cfg.eval_rows)
     evaluator, log_ = copy.deepcopy(raw).eval(), FDLog(path, start)
     velocity = evaluator
@@ -584,6 +631,8 @@ def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_l
         from mmfm.models.gm_head import GMMeanVelocity, GMRAEConvention
 
         velocity = GMMeanVelocity(GMRAEConvention(evaluator) if convention == "rae" else evaluator)
+    elif convention == "rae":  # a DMF flow map copied from a release (at r = t, its velocity)
+        velocity = RAEConvention(evaluator)
 
     def evaluate(step: int) -> None:
         ema.copy_to(evaluator)

@@ -2,11 +2,16 @@
 
 An objective turns one coupled batch into the network's inputs and its per-row loss:
 
-- :meth:`prepare` ``(x0, x1, t, modes, step_noise) -> batch``: a dict of per-row tensors (first dimension
-  ``B``), among them ``"x"`` and ``"t"``, what the network is called on; the step slices it per micro-batch;
-- :meth:`loss` ``(out, batch) -> (loss (B,), plain (B,))``: the per-row loss that is averaged (and weighted
-  per mode), and the plain squared error of the (mean) velocity that feeds the adaptive per-mode weighting
-  (docs/method.md §3.7), which needs positive losses.
+- :meth:`~Objective.draw` ``(n, generator, device) -> {name: (n,)}``: per-row numbers of its own drawn for the
+  whole global batch from the shared generator (DMF's ``(t, r)`` pairs; none for the others);
+- :meth:`~Objective.prepare` ``(x0, x1, t, modes, step_noise, **drawn) -> batch``: a dict of per-row tensors
+  (first dimension ``B``), among them ``"x"`` and ``"t"``, what the network is called on; the step slices it
+  per micro-batch;
+- :meth:`~Objective.forward_loss` ``(model, inner, batch, cond) -> (loss (B,), plain (B,))``: the network's
+  call(s) and the per-row loss that is averaged (and weighted per mode), and the plain squared error of the
+  (mean) velocity that feeds the adaptive per-mode weighting (docs/method.md §3.7), which needs positive
+  losses. ``model`` is what the step calls (maybe compiled, maybe DDP), ``inner`` the module under them; by
+  default one call of ``model`` and :meth:`~Objective.loss` ``(out, batch)``.
 
 :class:`VelocityObjective` (``method: fm``): ``x_t = (1 - t) x0 + t x1``, ``loss = plain = mean_d (v - u)^2``.
 
@@ -17,6 +22,13 @@ below 1 it is the transition loss: ``t_a`` from the time sampler, ``t_b = 1 - (1
 ``(x_a, t_a)``, the NLL of ``x_b`` under the mixture pushed through the reverse kernel. The row's source
 component ``(m, sigma^2)`` is its GMM mode's mean and variance (spherical GMM) or ``(0, 1)``. The plain
 error is that of the mixture's mean against ``u_a = (x1 - x_a) / (1 - t_a)``.
+
+:class:`FlowMapObjective` (``method: dmf``, docs/dmf.md §3): the flow map ``U(x, t, r)`` learns flow matching
+on the diagonal (``r = t``, the coupled ``x_t``) and the MeanFlow identity ``U = v + (r - t) dU/dt`` at the
+proposal pairs ``t <= r``, on a fresh source draw (of the row's own mode) for the same data; each branch's
+robust log loss ``log(e^-l mean_d (U - target)^2 + c) + l``, averaged: ``(L_fm + L_mf) / 2``. The total
+derivative comes from one forward-mode JVP of ``inner`` (or a central difference), the diagonal branch goes
+through ``model``; one backward. The plain error is the mean of both branches' squared errors.
 """
 
 from __future__ import annotations
@@ -27,10 +39,20 @@ from mmfm.flow.loss import forward_transition, gm_nll_loss, gm_transition_loss, 
 from mmfm.flow.path import LinearPath
 
 
-class VelocityObjective:
-    """Flow matching's velocity regression (the module docstring)."""
+class Objective:
+    """What every objective shares: no draws of its own, one network call per micro-batch."""
 
     needs_noise = False
+
+    def draw(self, n: int, generator: torch.Generator, device) -> dict:
+        return {}
+
+    def forward_loss(self, model, inner, batch: dict, cond: dict):
+        return self.loss(model(batch["x"], batch["t"], **cond), batch)
+
+
+class VelocityObjective(Objective):
+    """Flow matching's velocity regression (the module docstring)."""
 
     def prepare(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, modes, step_noise=None) -> dict:
         xt, u = LinearPath().sample(x0, x1, t)
@@ -41,7 +63,7 @@ class VelocityObjective:
         return plain, plain
 
 
-class GMFlowObjective:
+class GMFlowObjective(Objective):
     """GMFlow's NLL / transition loss (the module docstring).
 
     Args:
@@ -63,9 +85,7 @@ class GMFlowObjective:
         """``(m (B, N, D) or None, var0 (B,) or None)``: the source component of each row."""
         if modes is None or not hasattr(self.source, "means"):
             return None, None
-        idx = modes.to(self.source.means.device)
-        m = self.source.means[idx].to(device=like.device, dtype=torch.float32)
-        return m, self.source.variances[idx].to(device=like.device, dtype=torch.float32)
+        return self.source.component(modes, like.device)
 
     def prepare(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, modes, step_noise=None) -> dict:
         m, var0 = self.component(modes, x1)
@@ -91,11 +111,72 @@ class GMFlowObjective:
                                   var0=batch["var0"], scale=self.scale, reduction="none"), plain
 
 
-def make_objective(cfg, source):
-    """The objective of ``cfg.method`` (a :class:`~mmfm.train.config.TrainConfig`)."""
+class FlowMapObjective(Objective):
+    """Decoupled MeanFlow's two branches (the module docstring).
+
+    Args:
+        source: the run's source (the MeanFlow branch's fresh draw, from the row's own mode for a GMM).
+        times: the proposals (:class:`~mmfm.flow.flowmap.FlowMapTimes`; its ``pair`` gives ``t <= r``).
+        derivative: ``jvp`` or ``fd`` (``fd_eps``); c: the robust loss's constant.
+        guidance: ``none``, ``ag-mg`` or ``ag-distill`` with ``guide`` (a velocity network) and ``main`` (the
+            frozen init network, ``ag-distill``) at ``scale`` over ``interval``
+            (:func:`~mmfm.flow.flowmap.guided_velocity`).
+    """
+
+    needs_noise = True  # the MeanFlow branch's fresh source draw
+
+    def __init__(self, source, times, *, derivative: str = "jvp", fd_eps: float = 1e-3, c: float = 0.01,
+                 guidance: str = "none", guide=None, main=None, scale: float = 1.5, interval=(0.3, 1.0)):
+        self.source, self.times, self.derivative, self.fd_eps, self.c = source, times, derivative, fd_eps, c
+        self.guidance, self.guide, self.main, self.scale, self.interval = guidance, guide, main, scale, interval
+
+    def draw(self, n: int, generator: torch.Generator, device) -> dict:
+        t, r = self.times.pair(n, generator=generator, device=device)
+        return {"t_mf": t, "r_mf": r}
+
+    def prepare(self, x0, x1, t, modes, step_noise=None, t_mf=None, r_mf=None) -> dict:
+        if step_noise is None or t_mf is None:
+            raise ValueError("step_noise: the MeanFlow branch needs its fresh source noise and its (t, r) pairs")
+        xt, u = LinearPath().sample(x0, x1, t)
+        x0_mf = step_noise if modes is None or not hasattr(self.source, "means") else \
+            self.source.from_noise(step_noise, modes)
+        x_mf, u_mf = LinearPath().sample(x0_mf, x1, t_mf)
+        return {"x": xt, "t": t, "u": u, "x_mf": x_mf, "t_mf": t_mf, "r_mf": r_mf, "u_mf": u_mf}
+
+    def _target(self, inner, v, x, t, cond):
+        from mmfm.flow.flowmap import guided_velocity
+
+        return guided_velocity(self.guidance, v, x, t, online=inner, guide=self.guide, main=self.main,
+                               scale=self.scale, interval=self.interval, cond=cond)
+
+    def forward_loss(self, model, inner, batch: dict, cond: dict):
+        from mmfm.flow.flowmap import mean_flow_target, robust_log_loss, time_derivative
+
+        u_fm, logvar = model(batch["x"], batch["t"], return_logvar=True, **cond)  # the diagonal, r = t
+        loss_fm, plain_fm = robust_log_loss(u_fm, self._target(inner, batch["u"], batch["x"], batch["t"], cond),
+                                            logvar, self.c)
+        x, t, r = batch["x_mf"], batch["t_mf"], batch["r_mf"]
+        v = self._target(inner, batch["u_mf"], x, t, cond)
+        u_mf, logvar_mf, du = time_derivative(inner, x, t, r, v, cond=cond, method=self.derivative, eps=self.fd_eps)
+        loss_mf, plain_mf = robust_log_loss(u_mf, mean_flow_target(v, t, r, du), logvar_mf, self.c)
+        return 0.5 * (loss_fm + loss_mf), 0.5 * (plain_fm + plain_mf)
+
+
+def make_objective(cfg, source, *, dim: int | None = None, guide=None, main=None):
+    """The objective of ``cfg.method`` (a :class:`~mmfm.train.config.TrainConfig`); for DMF, ``dim = N * D``
+    (the proposals' shift) and the guidance networks."""
     if cfg.method == "gmflow":
         return GMFlowObjective(source, cfg.gm_trans_ratio, cfg.gm_loss_scale)
+    if cfg.method == "dmf":
+        from mmfm.flow.flowmap import FlowMapTimes
+
+        if dim is None:
+            dim = source.dim
+        times = FlowMapTimes(t=cfg.dmf_time_t, r=cfg.dmf_time_r, shift=cfg.proposal_shift(dim))
+        return FlowMapObjective(source, times, derivative=cfg.dmf_derivative, fd_eps=cfg.dmf_fd_eps,
+                                c=cfg.dmf_loss_c, guidance=cfg.dmf_guidance, guide=guide, main=main,
+                                scale=cfg.dmf_guidance_scale, interval=cfg.dmf_guidance_interval)
     return VelocityObjective()
 
 
-__all__ = ["GMFlowObjective", "VelocityObjective", "make_objective"]
+__all__ = ["FlowMapObjective", "GMFlowObjective", "Objective", "VelocityObjective", "make_objective"]

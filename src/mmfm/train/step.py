@@ -9,7 +9,8 @@ Given this rank's ``B = micro * accumulation`` rows already on the device (``x1 
    ``noise_seeds(step)[j]`` (:func:`mmfm.flow.sources.row_noise`): each rank materializes only its rows;
 2. times ``t ~ TimeSampler``, then the run's objective (:mod:`mmfm.train.objective`) makes the network's
    inputs: ``x_t = (1 - t) x0 + t x1`` and target ``u = x1 - x0`` for flow matching; GMFlow's transition pair
-   (its forward-transition noise from per-row seeds, like the source noise);
+   (its forward-transition noise from per-row seeds, like the source noise); DMF's ``(t, r)`` pairs (from the
+   shared generator) and its second source draw (per-row seeds);
 3. runs ``accumulation`` micro-batches (autocast, the objective's per-row loss ``* micro / B``, DDP
    ``no_sync`` but on the last), optionally weighted per mode
    (:class:`~mmfm.train.weighting.AdaptiveModeWeighting`, fed the plain squared errors);
@@ -59,13 +60,16 @@ class TrainStep:
         grad_clip: the norm bound (0: none, the norm is still computed).
         seed: the run's seed (the per-row noise seeds).
         objective: what is regressed (:mod:`mmfm.train.objective`; default flow matching's velocity).
+        inner: the module ``model`` compiles or wraps (default ``raw``): DMF's JVP runs on it, outside DDP.
     """
 
     def __init__(self, *, model: nn.Module, raw: nn.Module, optimizer, scheduler, ema, coupling, times, path,
                  generator: torch.Generator, global_batch: int, micro: int, accumulation: int, rank: int = 0,
                  world: int = 1, conditioning: str = "none", class_dropout_prob: float = 0.0, weighting=None,
-                 autocast=contextlib.nullcontext, grad_clip: float = 1.0, seed: int = 0, objective=None):
+                 autocast=contextlib.nullcontext, grad_clip: float = 1.0, seed: int = 0, objective=None,
+                 inner: nn.Module | None = None):
         self.model, self.raw, self.optimizer, self.scheduler, self.ema = model, raw, optimizer, scheduler, ema
+        self.inner = raw if inner is None else inner
         self.coupling, self.times, self.path, self.generator = coupling, times, path, generator
         self.global_batch, self.micro, self.accumulation = global_batch, micro, accumulation
         self.rank, self.world = rank, world
@@ -91,10 +95,11 @@ class TrainStep:
         seeds = noise_seeds(self.seed, step, self.global_batch)
         x0, x1, modes = self.coupling(x1, descriptor=cls, generator=gen, share=(self.rank, self.world), noise=seeds)
         t = self.times(self.global_batch, generator=gen, device=device)[rows]
+        drawn = {k: v[rows] for k, v in self.objective.draw(self.global_batch, gen, device).items()}
         extra = None
         if self.objective.needs_noise:
             extra = row_noise(noise_seeds(self.seed, step, self.global_batch, stream=2)[rows], x1.shape[1:], device)
-        batch = self.objective.prepare(x0, x1, t, modes, extra)
+        batch = self.objective.prepare(x0, x1, t, modes, extra, **drawn)
         cond = {}
         if self.conditioning == "mode":
             cond["y"] = modes
@@ -123,8 +128,8 @@ class TrainStep:
             with sync:
                 part = {k: (b[sl] if b is not None else None) for k, b in batch.items()}
                 with self.autocast():
-                    v = self.model(part["x"], part["t"], **{k: c[sl] for k, c in cond.items()})
-                per_row, plain = self.objective.loss(v, part)
+                    per_row, plain = self.objective.forward_loss(self.model, self.inner, part,
+                                                                 {k: c[sl] for k, c in cond.items()})
                 if mode_weights is None:
                     loss = per_row.mean() * (micro / per_rank)
                 else:
@@ -133,7 +138,7 @@ class TrainStep:
                     loss = (per_row * mode_weights[sl]).mean() * (micro / per_rank)
                 loss.backward()
             loss_sum += loss.detach()
-            del v, loss
+            del per_row, plain, loss
         if self.distributed:
             dist.all_reduce(loss_sum)
             loss_sum /= self.world
