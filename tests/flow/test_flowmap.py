@@ -1,4 +1,4 @@
-"""Decoupled MeanFlow pieces (mmfm.flow.flowmap) against closed forms (peers.md §2.8).
+"""Decoupled MeanFlow pieces (mmfm.flow.flowmap) against closed forms (docs/dmf.md §7).
 
 The oracle is the exact flow map of a Gaussian -> Gaussian flow per element (independent coupling),
 and its MM-FM version with one such pair per mode k (source N(mu_k, s_k^2), data | k ~ N(a_k, S_k^2),

@@ -1,6 +1,6 @@
-"""Decoupled MeanFlow (DMF): the flow map, its training pieces and its samplers (docs: peers.md §2).
+"""Decoupled MeanFlow (DMF): the flow map, its training pieces and its samplers (docs/dmf.md).
 
-Convention (peers.md §0): ``t = 0`` is the source, ``t = 1`` data, ``x_t = (1 - t) x0 + t x1`` and
+Convention (docs/dmf.md): ``t = 0`` is the source, ``t = 1`` data, ``x_t = (1 - t) x0 + t x1`` and
 ``u = x1 - x0``. A **flow map** network predicts the average velocity ``U(x, t, r)``, ``r >= t``, so that
 
     Phi(x, t, r) = x + (r - t) U(x, t, r)
@@ -8,7 +8,7 @@ Convention (peers.md §0): ``t = 0`` is the source, ``t = 1`` data, ``x_t = (1 -
 jumps from time ``t`` to time ``r`` along the flow of ``v``; at ``r = t``, ``U = v``. Since
 ``(r - t) U(x_t, t, r) = int_t^r v(x_tau, tau) dtau``, differentiating in ``t`` gives the MeanFlow identity
 
-    U(x_t, t, r) = v(x_t, t) + (r - t) dU/dt,   dU/dt = d_t U + v . grad_x U      (peers.md (2.1))
+    U(x_t, t, r) = v(x_t, t) + (r - t) dU/dt,   dU/dt = d_t U + v . grad_x U      (docs/dmf.md §1)
 
 which the MeanFlow branch turns into the target ``U_tgt = stopgrad(v + (r - t) dU/dt)``.
 
@@ -41,7 +41,7 @@ DMF_GUIDANCE = ("none", "mg", "ag-mg", "ag-distill")
 #: The ``sample.method`` names of the flow-map samplers, and the ``mode`` of :func:`solve_flowmap` for each.
 FLOWMAP_SOLVERS = ("flowmap", "flowmap-restart")
 FLOWMAP_MODES = {"flowmap": "euler", "flowmap-restart": "restart"}
-#: The largest time a finite-difference pass evaluates at (peers.md §2.3: ``t +- eps`` in ``[0, 1)``).
+#: The largest time a finite-difference pass evaluates at (docs/dmf.md §3: ``t +- eps`` in ``[0, 1)``).
 FD_TIME_MAX = 1.0 - 1e-6
 
 
@@ -60,7 +60,7 @@ def _first(out):
 
 
 # --------------------------------------------------------------------------------------------------
-# time proposals (peers.md §2.3, §2.6)
+# time proposals (docs/dmf.md §3)
 def _check_proposal(key: str, value) -> tuple[float, float]:
     try:
         mu, sigma = (float(a) for a in value)
@@ -120,7 +120,7 @@ class FlowMapTimes:
 
 
 # --------------------------------------------------------------------------------------------------
-# loss (peers.md §2.3)
+# loss (docs/dmf.md §3)
 def robust_log_loss(U: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor,
                     c: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """DMF's adaptive log loss per row: ``(loss (B,), plain (B,))``.
@@ -129,7 +129,7 @@ def robust_log_loss(U: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor,
 
         loss = log(exp(-l) plain + c) + l = log(plain + c exp(l)),
 
-    evaluated in the second form (stable as ``l`` drifts down, peers.md §2.3). The gradient flows through
+    evaluated in the second form (stable as ``l`` drifts down, docs/dmf.md §3). The gradient flows through
     ``U`` and ``l``: ``dloss/dU = (2 / D) (U - target) / (plain + c e^l)`` and
     ``dloss/dl = c e^l / (plain + c e^l) > 0``. ``target`` is detached. Computed in float32 (float64 if
     ``U`` is float64). ``plain`` is returned detached: it is the number to log and to feed the adaptive
@@ -151,7 +151,7 @@ def robust_log_loss(U: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor,
 
 
 def mean_flow_target(v: torch.Tensor, t: torch.Tensor, r: torch.Tensor, dU: torch.Tensor) -> torch.Tensor:
-    """``U_tgt = stopgrad(v + (r - t) dU)`` (peers.md (2.1)); ``v``, ``dU`` ``(B, ...)``, ``t``, ``r`` ``(B,)``."""
+    """``U_tgt = stopgrad(v + (r - t) dU)`` (docs/dmf.md §1); ``v``, ``dU`` ``(B, ...)``, ``t``, ``r`` ``(B,)``."""
     _checks.same_shape("v", v, "dU", dU)
     b = v.shape[0]
     _checks.shape("t", t, (b,))
@@ -160,7 +160,7 @@ def mean_flow_target(v: torch.Tensor, t: torch.Tensor, r: torch.Tensor, dU: torc
 
 
 # --------------------------------------------------------------------------------------------------
-# the total time derivative (peers.md §2.3, "Derivative options")
+# the total time derivative (docs/dmf.md §3, "The derivative")
 def _is_forward_ad_error(err: BaseException) -> bool:
     msg = str(err).lower()
     return "forward ad" in msg or "forward-mode" in msg or "forward mode" in msg or "jvp" in msg
@@ -231,7 +231,7 @@ def time_derivative(net, x: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: t
 
 
 # --------------------------------------------------------------------------------------------------
-# training-time guidance G(v) (peers.md §2.4)
+# training-time guidance G(v) (docs/dmf.md §5)
 def guidance_omega(scale: float) -> float:
     """``omega = 1 - 1 / scale``: the ``mg`` / ``ag-mg`` weight whose fixed point is guidance at ``scale``
     (the peer's ``omega = 0.6`` is ``scale = 2.5``; MM-FM's autoguidance ``1.5`` is ``omega = 1/3``)."""
@@ -314,7 +314,7 @@ def guided_velocity(kind: str, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------
-# samplers (peers.md §2.5)
+# samplers (docs/dmf.md §4)
 def solve_flowmap(model, x0: torch.Tensor, grid: torch.Tensor, *, mode: str = "euler", cond: dict | None = None,
                   source=None, modes: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> ODEResult:
