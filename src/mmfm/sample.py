@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmfm.flow.dfm import DFM_SOLVERS, default_starts, dfm_schedule, solve_dfm, source_stages, split_steps
 from mmfm.flow.flowmap import FLOWMAP_MODES, FLOWMAP_SOLVERS, solve_flowmap
+from mmfm.flow.pyramid import LaplacianPyramid
 from mmfm.flow.solvers import GM_SOLVERS, SOLVERS, gm_substeps, solve_gm, solve_ode
 from mmfm.flow.sources import GaussianMixtureSource, GaussianSource
 from mmfm.flow.time import time_grid
@@ -101,7 +103,7 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
                    modes: torch.Tensor | None = None, labels: torch.Tensor | None = None, steps: int = 50,
                    method: str = "euler", shift: float = 1.0, end: float = 1.0, batch_size: int = 64,
                    rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
-                   progress: bool = False, gm: dict | None = None) -> SampleSet:
+                   progress: bool = False, gm: dict | None = None, dfm: dict | None = None) -> SampleSet:
     """This process's part (indices ``rank::world_size``) of an ``n``-sample set: noise from ``source``
     (a :class:`GaussianSource` or :class:`GaussianMixtureSource`) integrated from ``t = 0`` over
     ``time_grid(steps, shift, end)`` with ``method`` (``euler``, ``heun``, ``midpoint``, ``dopri5``).
@@ -116,13 +118,21 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
 
     ``flowmap`` / ``flowmap-restart`` (DMF, :func:`mmfm.flow.flowmap.solve_flowmap`): ``velocity`` is then the flow
     map ``U(x, t, r=...)``, jumped over ``time_grid(steps, shift, end)`` in ``steps`` network calls; the restart
-    sampler's fresh source draws (from each row's own mode) come from a generator seeded like GM-SDE's."""
+    sampler's fresh source draws (from each row's own mode) come from a generator seeded like GM-SDE's.
+
+    ``dfm-euler`` (DFM, :func:`mmfm.flow.dfm.solve_dfm`): ``velocity`` is then the DFM network (packed stages and
+    ``(B, S)`` times), ``steps`` its network calls split over the stages by ``dfm["ratio"]`` [4]
+    (:func:`~mmfm.flow.dfm.split_steps`) with the start thresholds ``dfm["starts"]`` [0.9 each]; ``dfm["stages"]``
+    and ``dfm["source"]`` (``bands``, ``independent`` or ``decompose``) are the network's. The coarse stages'
+    fresh normals of sample ``i`` come from its own generator, seeded by ``(seed + 2, i)``: the set is the same
+    however it is batched. ``shift`` and ``end`` do not apply (the stage schedule is linear in the step index)."""
     from mmfm.progress import progress as tqdm
 
     if not isinstance(source, (GaussianSource, GaussianMixtureSource)):
         raise ValueError(f"source: expected a GaussianSource or GaussianMixtureSource, got {type(source).__name__}")
-    if method not in SOLVERS + GM_SOLVERS + FLOWMAP_SOLVERS:
-        raise ValueError(f"method: expected one of {SOLVERS + GM_SOLVERS + FLOWMAP_SOLVERS}, got {method!r}")
+    methods = SOLVERS + GM_SOLVERS + FLOWMAP_SOLVERS + DFM_SOLVERS
+    if method not in methods:
+        raise ValueError(f"method: expected one of {methods}, got {method!r}")
     for key, value in (("n", n), ("batch_size", batch_size), ("world_size", world_size)):
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{key}: expected a positive integer, got {value!r}")
@@ -136,6 +146,12 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
     if method in GM_SOLVERS:
         sub = 1 if method == "gm-sde" else (gm.get("substeps") or gm_substeps(steps))
     grid = time_grid(steps * sub, shift=shift, end=end, device=device, dtype=torch.float32)
+    if method in DFM_SOLVERS:
+        if not dfm or not dfm.get("stages"):
+            raise ValueError("dfm: dfm-euler needs the DFM network's stages and source (dfm={'stages', 'source'})")
+        pyramid = LaplacianPyramid(int(dfm["stages"]), source.event_shape[0])
+        starts = dfm.get("starts") or default_starts(pyramid.stages)
+        schedule = dfm_schedule(split_steps(steps, pyramid.stages, dfm.get("ratio") or 4.0), list(starts))
     mine = torch.arange(rank, n, world_size)
     out, ks, ys, nfe = [], [], [], 0
     for lo in tqdm(range(0, len(mine), batch_size), desc="sample", unit="batch", disable=not progress):
@@ -163,6 +179,10 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
                 gen = torch.Generator(device=device).manual_seed(sample_seed(seed + 1, int(idx[0])))
                 res = solve_flowmap(velocity, x0.to(device), grid, mode=FLOWMAP_MODES[method], cond=kw,
                                     source=source, modes=None if k is None else k.to(device), generator=gen)
+            elif method in DFM_SOLVERS:
+                res = solve_dfm(lambda x, t: velocity(x, t, **kw),
+                                dfm_starts(source, pyramid, dfm["source"], x0, k, idx, seed, device), schedule,
+                                pyramid)
             else:
                 res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
         out.append(res.x.float().cpu())
@@ -173,6 +193,24 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
             ys.append(y)
     cat = (lambda parts: torch.cat(parts) if parts else None)  # noqa: E731
     return SampleSet(mine, cat(out) if out else torch.zeros(0, *source.event_shape), cat(ks), cat(ys), nfe)
+
+
+def dfm_starts(source, pyramid: LaplacianPyramid, kind: str, x0: torch.Tensor, modes, indices, seed: int,
+               device) -> list[torch.Tensor]:
+    """The source's stages of a batch (:func:`mmfm.flow.dfm.source_stages`) on ``device``: its full-resolution
+    draw ``x0``, each row's mode component, and the coarse stages' normals of sample ``i`` from its own generator
+    (``(seed + 2, i)``)."""
+    x0 = x0.to(device)
+    if kind == "decompose" or pyramid.stages == 1:
+        return source_stages(kind, pyramid, x0)
+    coarse = sum(pyramid.sizes[:-1])
+    z = torch.stack([torch.randn(coarse, x0.shape[2], generator=torch.Generator().manual_seed(sample_seed(seed + 2, int(i))))
+                     for i in indices]).to(device)
+    normals = list(z.split(pyramid.sizes[:-1], dim=1))
+    mean = var = None
+    if modes is not None and hasattr(source, "means"):
+        mean, var = source.component(modes, device)
+    return source_stages(kind, pyramid, x0, mean=mean, var=var, normals=normals)
 
 
 def merge_parts(parts: list[SampleSet]) -> SampleSet:

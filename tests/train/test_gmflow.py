@@ -26,7 +26,7 @@ GM = dict(method="gmflow", model="ditdh-tiny", gm_components=4, gm_groups=2, gm_
     (dict(gm_trans_ratio=0.0), "gm_trans_ratio: expected a value in (0, 1]"),
     (dict(model="mlp", conditioning="none", gm_allow_approx=True), "model: method 'gmflow' needs a DiTDH preset"),
     (dict(gm_groups=0), "gm_groups: expected a positive integer"),
-    (dict(method="gm"), "method: expected one of ['fm', 'gmflow', 'dmf']"),
+    (dict(method="gm"), "method: expected one of ['fm', 'gmflow', 'dmf', 'dfm']"),
 ])
 def test_combination_rules(toy, change, message):
     root, _ = toy

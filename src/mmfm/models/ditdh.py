@@ -24,6 +24,15 @@ velocity from ``t`` to ``r >= t``: the first ``d`` encoder blocks are conditione
 the others on ``c_r = SiLU(r_emb [+ y_emb])`` (one shared ``t_embedder``), and the head reads
 ``s = s_projector(SiLU(r_emb + s))``. A :class:`LogVarHead` (``logvar_head``) gives the robust loss's ``l(t, r)``.
 With ``r`` left out (``r = t``) the output is the velocity network's of the same weights, bit for bit.
+
+With ``dfm_stages = S > 1`` (Decomposable Flow Matching, docs/dfm.md §2; patch size 1, velocity head) the input is
+the packed Laplacian stages ``(B, M, C)`` of :class:`~mmfm.flow.pyramid.LaplacianPyramid` and ``t`` is ``(B, S)``,
+one time per stage. Each stage is nearest-upsampled to the full grid and embedded by its own ``s`` and ``x``
+embedders (summed); its own time embedder's outputs are summed into ``t_emb``; its own final layer's output is
+average-pooled back to the stage's grid, and the result is packed ``(B, M, C)``. The finest stage uses the base
+modules (``s_embedder``, ``x_embedder``, ``t_embedder``, ``final_layer``); the coarse stages' are
+``dfm_s_embedders``, ``dfm_x_embedders``, ``dfm_t_embedders`` and ``dfm_final_layers`` (coarse first). With one
+stage the network is the DiTDH.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from torch import nn
 
 from mmfm import _checks
 from mmfm.flow.gm import GMOutput
+from mmfm.flow.pyramid import LaplacianPyramid
 from mmfm.models.gm_head import HEADS, GMHead, LogStdMLP
 from mmfm.models.layers import (
     DDTBlock,
@@ -135,6 +145,8 @@ class DiTDH(nn.Module):
         gm_mean_init_noise: std of the means' bias noise at init (symmetry breaking; 0 for none).
         dmf_depth: ``None`` (a velocity network) or ``d`` in ``[1, depth]``: a DMF flow map whose first ``d``
             encoder blocks see ``t``, the rest and the head ``r`` (velocity head only).
+        dfm_stages: ``None`` / 1 (one time) or ``S``: a DFM network over the packed stages of an ``S``-stage
+            pyramid, one time per stage (velocity head, patch size 1).
     """
 
     def __init__(
@@ -159,8 +171,13 @@ class DiTDH(nn.Module):
         gm_logstd_layers: int = 2,
         gm_mean_init_noise: float = 0.1,
         dmf_depth: int | None = None,
+        dfm_stages: int | None = None,
     ):
         super().__init__()
+        if dfm_stages is not None and dfm_stages != 1:
+            _checks.integer("dfm_stages", dfm_stages)
+            if head != "velocity" or dmf_depth is not None or patch_size != 1:
+                raise ValueError("dfm_stages: a DFM network has the velocity head, no dmf_depth and patch_size 1")
         _checks.choice("conditioning", conditioning, CONDITIONINGS)
         _checks.choice("head", head, HEADS)
         if dmf_depth is not None:
@@ -218,6 +235,14 @@ class DiTDH(nn.Module):
             self.logstd_mlp = LogStdMLP(hidden_size, gm_logstd_hidden, gm_logstd_layers)
         if dmf_depth is not None:
             self.logvar_head = LogVarHead()
+        self.dfm_stages = dfm_stages or 1
+        self.pyramid = LaplacianPyramid(self.dfm_stages, num_tokens) if self.dfm_stages > 1 else None
+        if self.pyramid is not None:  # the coarse stages' own modules (the finest uses the base ones)
+            coarse = range(self.dfm_stages - 1)
+            self.dfm_s_embedders = nn.ModuleList([PatchEmbed(in_channels, hidden_size, 1) for _ in coarse])
+            self.dfm_x_embedders = nn.ModuleList([PatchEmbed(in_channels, head_hidden_size, 1) for _ in coarse])
+            self.dfm_t_embedders = nn.ModuleList([GaussianFourierEmbedding(hidden_size) for _ in coarse])
+            self.dfm_final_layers = nn.ModuleList([DDTFinalLayer(head_hidden_size, patch_dim) for _ in coarse])
         self.pos_embed = nn.Parameter(torch.zeros(1, self.side**2, hidden_size), requires_grad=False)
         self.enc_feat_rope = Rope2D(hidden_size // num_heads, self.side)
         self.dec_feat_rope = Rope2D(head_hidden_size // head_num_heads, self.side)
@@ -238,7 +263,9 @@ class DiTDH(nn.Module):
         time-MLP and label table, sin-cos positions, zero adaLN and output layers; other Linear layers
         keep PyTorch's default. Head ``"gm"``: zero means and logits plus ``N(0, gm_mean_init_noise^2)`` on the
         means' bias (torch's default generator), the log-std MLP Xavier with its last layer zero (``s = 1``)."""
-        for emb in (self.x_embedder, self.s_embedder):
+        stages = self.dfm_stages - 1
+        coarse_emb = [*self.dfm_s_embedders, *self.dfm_x_embedders] if stages else []
+        for emb in (self.x_embedder, self.s_embedder, *coarse_emb):
             w = emb.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
             nn.init.zeros_(emb.proj.bias)
@@ -248,17 +275,29 @@ class DiTDH(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for emb in (self.t_embedder, *(self.dfm_t_embedders if stages else [])):
+            nn.init.normal_(emb.mlp[0].weight, std=0.02)
+            nn.init.normal_(emb.mlp[2].weight, std=0.02)
         if self.head == "gm":
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
             nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
             self.final_layer.linear.reset_parameters(self.gm_mean_init_noise)
             self.logstd_mlp.reset_parameters()
             return
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        for final in (self.final_layer, *(self.dfm_final_layers if stages else [])):
+            for layer in (final.adaLN_modulation[-1], final.linear):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def _stage_modules(self, kind: str) -> list[nn.Module]:
+        """A DFM network's per-stage ``s`` / ``x`` embedders, ``t`` embedders or ``final`` layers, coarse first."""
+        base = {"s": self.s_embedder, "x": self.x_embedder, "t": self.t_embedder, "final": self.final_layer}[kind]
+        coarse = {"s": "dfm_s_embedders", "x": "dfm_x_embedders", "t": "dfm_t_embedders", "final": "dfm_final_layers"}
+        return [*getattr(self, coarse[kind]), base]
+
+    def _embed_stages(self, kind: str, stages: list[torch.Tensor]) -> torch.Tensor:
+        """The sum of each upsampled stage ``(B, N, C)`` through its own ``s`` or ``x`` embedder."""
+        return sum(emb(xs) for emb, xs in zip(self._stage_modules(kind), stages))
 
     def _unpatchify(self, h: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
@@ -280,16 +319,24 @@ class DiTDH(nn.Module):
 
         A flow map (``dmf_depth``): ``r`` ``(B,)`` the target times (``None``: ``r = t``, the velocity) gives
         ``U(x, t, r)`` ``(B, N, C)``, and ``(U, logvar (B,))`` with ``return_logvar``.
+
+        A DFM network (``dfm_stages > 1``): ``x`` the packed stages ``(B, M, C)``, ``t`` ``(B, S)``; returns every
+        stage's velocity, packed ``(B, M, C)``.
         """
-        _checks.shape("x", x, (None, self.num_tokens, self.in_channels))
+        dfm = self.pyramid is not None
+        _checks.shape("x", x, (None, self.pyramid.packed_tokens if dfm else self.num_tokens, self.in_channels))
         b = x.shape[0]
-        _checks.shape("t", t, (b,))
+        _checks.shape("t", t, (b, self.dfm_stages) if dfm else (b,))
         if self.dmf_depth is None and (r is not None or return_logvar):
             raise ValueError("r: this network is not a flow map (dmf_depth is None); it takes no target time or "
                              "log-variance")
         if r is not None:
             _checks.shape("r", r, (b,))
-        t_emb = self.t_embedder(t)
+        if dfm:  # each stage on the full grid (nearest), its own time embedding, summed
+            stages = [self.pyramid.upsample(xs, i) for i, xs in enumerate(self.pyramid.unpack(x))]
+            t_emb = sum(emb(t[:, i]) for i, emb in enumerate(self._stage_modules("t")))
+        else:
+            t_emb = self.t_embedder(t)
         r_emb = t_emb if r is None else self.t_embedder(r)
         if self.conditioning == "none":
             e = t_emb
@@ -305,13 +352,16 @@ class DiTDH(nn.Module):
         c = F.silu(e)
         c_r = c if r is None else F.silu(e_r)
         split = self.depth if self.dmf_depth is None else self.dmf_depth
-        s = self.s_embedder(x) + self.pos_embed
+        s = (self._embed_stages("s", stages) if dfm else self.s_embedder(x)) + self.pos_embed
         for i, block in enumerate(self.blocks[: self.depth]):
             s = block(s, c if i < split else c_r, self.enc_feat_rope)
         s = self.s_projector(F.silu(r_emb.unsqueeze(1) + s))
-        h = self.x_embedder(x)
+        h = self._embed_stages("x", stages) if dfm else self.x_embedder(x)
         for block in self.blocks[self.depth:]:
             h = block(h, s, self.dec_feat_rope)
+        if dfm:  # each stage's own output layer, pooled back to the stage's grid
+            return self.pyramid.pack([self.pyramid.pool(final(h, s), i)
+                                      for i, final in enumerate(self._stage_modules("final"))])
         if self.head == "gm":
             means, logits = self.final_layer(h, s)
             return GMOutput(means, logits, self.logstd_mlp(e))

@@ -83,6 +83,8 @@ def network_from_metadata(meta: dict) -> nn.Module:
         overrides["patch_size"] = meta.get("patch_size", 1)
     if meta.get("dmf_depth") is not None:  # a DMF flow map (at r = t, the velocity)
         overrides["dmf_depth"] = int(meta["dmf_depth"])
+    if meta.get("dfm_stages") is not None:  # a DFM network (packed stages, one time per stage)
+        overrides["dfm_stages"] = int(meta["dfm_stages"])
     if network_head(meta) == "gm":
         if meta["preset"] == "mlp":
             raise ValueError("head: the 'mlp' network has no GM head; use a DiTDH preset")
@@ -219,6 +221,9 @@ def load_velocity_model(path: str | os.PathLike, device: str | torch.device = "c
     :class:`~mmfm.models.gm_head.GMRAEConvention` of it for ``"rae"``); :func:`load_gm_model` gives the mixture.
     """
     path = Path(path)
+    if int(read_metadata(path).get("dfm_stages") or 1) > 1:
+        raise ValueError(f"{path}: a DFM network (method dfm) takes the packed Laplacian stages and one time per "
+                         "stage, not a velocity's (x, t); sample it with dfm-euler")
     net, meta = _load_network(path, device)
     rae = meta["time_convention"] == "rae"
     if network_head(meta) == "gm":
@@ -259,6 +264,18 @@ def load_flowmap_model(path: str | os.PathLike, device: str | torch.device = "cp
     return (RAEConvention(net) if meta["time_convention"] == "rae" else net).eval()
 
 
-__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_flowmap_model",
+def load_dfm_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """``(network, metadata)`` of a DFM export (``method: dfm``, ``dfm_stages`` recorded): the network takes the
+    packed stages ``(B, M, C)`` and times ``(B, S)`` (paper convention), eval mode, gradients off.
+
+    Raises ``ValueError`` naming the file for any other export (sample that with an ODE solver)."""
+    path = Path(path)
+    if read_metadata(path).get("method") != "dfm":
+        raise ValueError(f"{path}: not a DFM network (a method {read_metadata(path).get('method', 'fm')!r} export); "
+                         "dfm-euler samples a run of method dfm; sample this one with euler, heun, midpoint or dopri5")
+    return _load_network(path, device)
+
+
+__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_dfm_model", "load_flowmap_model",
            "load_gm_model", "load_velocity_model", "network_from_metadata", "network_head", "read_metadata", "recorded_source",
            "source_fingerprint", "source_record", "tokenizer_record"]

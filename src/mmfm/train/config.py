@@ -39,6 +39,14 @@ that names the key. Keys (defaults in brackets):
   guidance ``dmf_guidance`` [``none``], ``ag-mg`` or ``ag-distill`` with the autoguide ``dmf_guide`` [None]
   (a velocity ``ema.safetensors``) at ``dmf_guidance_scale`` [1.5] over ``dmf_guidance_interval``
   [(0.3, 1.0)];
+- ``method: dfm`` (Decomposable Flow Matching, docs/dfm.md: stage-wise flows on the Laplacian pyramid of the token
+  grid, ``model`` a DiTDH preset at patch size 1) with ``dfm_stages`` [2] (the grid side must be divisible by
+  ``2^(S-1)``), ``dfm_stage_weights`` [None: ``[0.9, 0.1]`` for 2 stages; required for more] the current stage's
+  probabilities, ``dfm_stage_draw`` [``batch``] (one current stage per batch, the peer's) or ``sample``,
+  ``dfm_early_logit_mu`` [2.0] (earlier stages' ``logit(tau) ~ N(mu, 1)``: near data), ``dfm_stage_shift``
+  [``"auto"``: ``max(1, sqrt(N_s D / 4096))`` per stage] or a number, and ``dfm_source`` [``bands``] (each stage
+  ``X_s(mu_k) + sigma_k n_s``, independent noise per stage), ``decompose`` (the pyramid of the source sample) or
+  ``independent`` (the peer's N(0, I) per stage; Gaussian source only, where it equals ``bands``);
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
   ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
   ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
@@ -62,6 +70,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmfm.flow.dfm import DFM_SOURCES, STAGE_DRAWS, check_weights, default_weights
 from mmfm.flow.flowmap import DMF_DERIVATIVES
 from mmfm.models.ditdh import PRESETS
 
@@ -71,7 +80,7 @@ CONDITIONINGS = ("none", "class", "mode")
 PRECISIONS = ("fp32", "bf16")
 SOURCE_PRECISIONS = ("fp32", "fp16", "bf16")
 TIME_DISTS = ("logit_normal", "uniform")
-METHODS = ("fm", "gmflow", "dmf")
+METHODS = ("fm", "gmflow", "dmf", "dfm")
 #: DMF's training-time guidance here: the autoguided ones (MM-FM's runs have no null label for the peer's ``mg``)
 DMF_GUIDANCES = ("none", "ag-mg", "ag-distill")
 MODELS = tuple(PRESETS) + ("mlp",)
@@ -135,6 +144,12 @@ class TrainConfig:
     dmf_guide: str | None = None
     dmf_guidance_scale: float = 1.5
     dmf_guidance_interval: tuple[float, float] = (0.3, 1.0)
+    dfm_stages: int = 2
+    dfm_stage_weights: tuple[float, ...] | None = None
+    dfm_stage_draw: str = "batch"
+    dfm_early_logit_mu: float = 2.0
+    dfm_stage_shift: float | str = "auto"
+    dfm_source: str = "bands"
     seed: int = 0
     checkpoint_every: int = 1000
     keep_last: int = 2
@@ -173,6 +188,10 @@ class TrainConfig:
                 if not (isinstance(v, (list, tuple)) and len(v) == 2):
                     raise ValueError(f"{key}: expected a pair of numbers, got {v!r}")
                 kw[key] = tuple(v)
+        if kw.get("dfm_stage_weights") is not None:
+            if not isinstance(kw["dfm_stage_weights"], (list, tuple)):
+                raise ValueError(f"dfm_stage_weights: expected a list of probabilities, got {kw['dfm_stage_weights']!r}")
+            kw["dfm_stage_weights"] = tuple(kw["dfm_stage_weights"])
         if "model_overrides" in kw:
             if not isinstance(kw["model_overrides"], dict):
                 raise ValueError(f"model_overrides: expected a mapping, got {kw['model_overrides']!r}")
@@ -184,6 +203,8 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         for key in PAIRS:
             out[key] = list(out[key])
+        if out["dfm_stage_weights"] is not None:
+            out["dfm_stage_weights"] = list(out["dfm_stage_weights"])
         return out
 
     def __post_init__(self):
@@ -264,6 +285,8 @@ class TrainConfig:
             self._check_gmflow()
         if self.method == "dmf":
             self._check_dmf()
+        if self.method == "dfm":
+            self._check_dfm()
         if not 0 <= self.initial_steps <= self.decay_start <= self.decay_end:
             raise ValueError("initial_steps, decay_start, decay_end: expected 0 <= initial_steps <= decay_start "
                              f"<= decay_end, got {self.initial_steps}, {self.decay_start}, {self.decay_end}")
@@ -332,6 +355,55 @@ class TrainConfig:
         if self.dmf_guidance_scale < 1 and self.dmf_guidance == "ag-mg":
             raise ValueError(f"dmf_guidance_scale: ag-mg bakes in autoguidance at a scale >= 1 (omega = 1 - 1/w), "
                              f"got {self.dmf_guidance_scale!r}")
+
+    def _check_dfm(self) -> None:
+        """Decomposable Flow Matching's keys (docs/dfm.md §3); the grid's stage limit is checked with the tokens
+        (:meth:`dfm_pyramid`, and before any job by ``mmfm check``)."""
+        if self.model == "mlp":
+            raise ValueError("model: method 'dfm' needs a DiTDH preset (per-stage embeddings and output layers); "
+                             "'mlp' has none")
+        if int(self.model_overrides.get("patch_size", 1)) != 1:
+            raise ValueError("model_overrides.patch_size: method 'dfm' needs patch size 1 (each stage is upsampled "
+                             "to the token grid)")
+        if not (isinstance(self.dfm_stages, int) and not isinstance(self.dfm_stages, bool) and self.dfm_stages >= 1):
+            raise ValueError(f"dfm_stages: expected an integer >= 1, got {self.dfm_stages!r}")
+        self.dfm_weights()
+        for key, choices in (("dfm_stage_draw", STAGE_DRAWS), ("dfm_source", DFM_SOURCES)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"{key}: expected one of {list(choices)}, got {getattr(self, key)!r}")
+        mu = self.dfm_early_logit_mu
+        if not (isinstance(mu, (int, float)) and not isinstance(mu, bool) and math.isfinite(mu)):
+            raise ValueError(f"dfm_early_logit_mu: expected a finite number, got {mu!r}")
+        shift = self.dfm_stage_shift
+        if shift != "auto" and not (isinstance(shift, (int, float)) and not isinstance(shift, bool)
+                                    and math.isfinite(shift) and shift > 0):
+            raise ValueError(f"dfm_stage_shift: expected 'auto' or a positive number, got {shift!r}")
+        if self.eval_every > 0 and self.eval_steps < self.dfm_stages:
+            raise ValueError(f"eval_steps: dfm-euler gives each of the {self.dfm_stages} stages at least one step; "
+                             f"eval_steps must be >= {self.dfm_stages}, got {self.eval_steps}")
+        if self.dfm_source == "independent" and self.source != "gaussian":
+            raise ValueError("dfm_source: 'independent' is the peer's N(0, I) noise per stage, for source 'gaussian'; "
+                             "a GMM source uses 'bands' (its mode's mean and variance per stage) or 'decompose'")
+
+    def dfm_weights(self) -> list[float]:
+        """``dfm_stage_weights``, or the default for ``dfm_stages`` (``[0.9, 0.1]`` for 2, ``[1]`` for 1)."""
+        weights = self.dfm_stage_weights if self.dfm_stage_weights is not None else default_weights(self.dfm_stages)
+        if weights is None:
+            raise ValueError(f"dfm_stage_weights: {self.dfm_stages} stages need their probabilities (the peer's "
+                             "default [0.9, 0.1] is for 2)")
+        return check_weights(list(weights), self.dfm_stages)
+
+    def dfm_pyramid(self, num_tokens: int):
+        """The run's :class:`~mmfm.flow.pyramid.LaplacianPyramid` over ``num_tokens`` tokens."""
+        from mmfm.flow.pyramid import LaplacianPyramid
+
+        return LaplacianPyramid(self.dfm_stages, num_tokens)
+
+    def dfm_stage_shifts(self, num_tokens: int, token_dim: int) -> list[float]:
+        """Each stage's time shift (:func:`mmfm.flow.dfm.stage_shifts`)."""
+        from mmfm.flow.dfm import stage_shifts
+
+        return stage_shifts(self.dfm_pyramid(num_tokens), token_dim, self.dfm_stage_shift)
 
     def dmf_depth_of(self) -> int:
         """``dmf_depth``, or its default: 5/7 of the encoder's depth (DMF's 20 of 28), at least 1."""

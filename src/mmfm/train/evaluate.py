@@ -42,10 +42,11 @@ def reference_stats(shards, rows: int = 4096) -> FeatureStats:
 
 def fd_of_model(velocity, source, reference: FeatureStats, *, n: int = 512, seed: int = 0, conditioning: str = "none",
                 num_classes: int = 0, steps: int = 20, shift: float = 1.0, method: str = "euler",
-                batch_size: int = 256, device="cpu") -> tuple[float, int]:
-    """``(Fréchet distance of n samples to the reference, NFE per sample)``."""
+                batch_size: int = 256, device="cpu", dfm: dict | None = None) -> tuple[float, int]:
+    """``(Fréchet distance of n samples to the reference, NFE per sample)``; ``dfm``: a DFM network's stages and
+    source (:func:`mmfm.sample.sample_latents`; ``method`` is then ``dfm-euler``)."""
     got = sample_latents(velocity, source, n, seed=seed, conditioning=conditioning, num_classes=num_classes,
-                         steps=steps, method=method, shift=shift, batch_size=batch_size, device=device)
+                         steps=steps, method=method, shift=shift, batch_size=batch_size, device=device, dfm=dfm)
     stats = FeatureStats(reference.dim).update(got.latents.reshape(n, -1).double())
     batches = -(-n // batch_size)
     return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma), got.nfe // batches

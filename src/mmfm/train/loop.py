@@ -124,6 +124,8 @@ def head_settings(cfg: TrainConfig, token_dim: int) -> dict:
     ``method: gmflow``."""
     if cfg.method == "dmf":
         return {"dmf_depth": cfg.dmf_depth_of()}
+    if cfg.method == "dfm":
+        return {"dfm_stages": cfg.dfm_stages}
     if cfg.method != "gmflow":
         return {}
     return {"head": "gm", "gm_components": cfg.gm_components, "gm_groups": cfg.gm_groups_for(token_dim),
@@ -260,7 +262,8 @@ def export_meta(cfg: TrainConfig, num_tokens: int, token_dim: int, num_labels: i
             "null_label": num_labels if cfg.class_dropout_prob > 0 else None,
             "layout": "tokens", "step": step, "source": source, "coupling": cfg.coupling,
             "model_overrides": dict(cfg.model_overrides),
-            "tokenizer": None if shards_meta is None else tokenizer_record(shards_meta)}
+            "tokenizer": None if shards_meta is None else tokenizer_record(shards_meta),
+            **({"dfm_source": cfg.dfm_source} if cfg.method == "dfm" else {})}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -456,7 +459,8 @@ def train(config: dict | TrainConfig, shards, out_dir, *, resume: bool = True, p
     raw = raw.to(device)
     raw.train()
     guide, main = dmf_networks(cfg, device)
-    objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=guide, main=main)
+    objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=guide, main=main,
+                               num_tokens=num_tokens)
     optimizer = make_optimizer(raw.parameters(), cfg)
     lr_schedule = cfg.lr_schedule()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule.factor)
@@ -623,7 +627,7 @@ def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_l
                path: Path, start: int, metrics: _Metrics, convention: str = "paper"):
     """``evaluate(step)``: the Fréchet distance of EMA samples (fixed seed) to the data, into ``fd.csv``; a
     GMFlow network is sampled by Euler on its mixture's mean velocity, a DMF flow map on its velocity ``U(x, t, t)``
-    (the same sampler as every run)."""
+    (the same sampler as every run), a DFM network by ``dfm-euler`` at ``eval_steps`` calls."""
     reference = reference_stats(shards, cfg.eval_rows)
     evaluator, log_ = copy.deepcopy(raw).eval(), FDLog(path, start)
     velocity = evaluator
@@ -634,11 +638,13 @@ def _evaluator(cfg: TrainConfig, shards, raw: nn.Module, ema: EMA, source, num_l
     elif convention == "rae":  # a DMF flow map copied from a release (at r = t, its velocity)
         velocity = RAEConvention(evaluator)
 
+    dfm = {"stages": cfg.dfm_stages, "source": cfg.dfm_source} if cfg.method == "dfm" else None
+
     def evaluate(step: int) -> None:
         ema.copy_to(evaluator)
         fd, nfe = fd_of_model(velocity, source, reference, n=cfg.eval_samples, seed=cfg.seed,
                               conditioning=cfg.conditioning, num_classes=num_labels, steps=cfg.eval_steps,
-                              shift=shift, device=device)
+                              shift=shift, device=device, method="dfm-euler" if dfm else "euler", dfm=dfm)
         log_.write(step, nfe, fd)
         metrics.scalar("eval/frechet_distance", fd, step)
 

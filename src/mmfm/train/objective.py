@@ -29,6 +29,11 @@ proposal pairs ``t <= r``, on a fresh source draw (of the row's own mode) for th
 robust log loss ``log(e^-l mean_d (U - target)^2 + c) + l``, averaged: ``(L_fm + L_mf) / 2``. The total
 derivative comes from one forward-mode JVP of ``inner`` (or a central difference), the diagonal branch goes
 through ``model``; one backward. The plain error is the mean of both branches' squared errors.
+:class:`StagewiseObjective` (``method: dfm``, docs/dfm.md §3): the data and the source sample are split into the
+Laplacian stages of the token grid; the current stage and every stage's time come from
+:class:`~mmfm.flow.dfm.DFMTimes`, each stage interpolates on its own path, stages after the current one are zeroed,
+and the loss is :func:`~mmfm.flow.dfm.dfm_loss`. The network sees the packed stages ``(B, M, D)`` and ``(B, S)``
+times. With one stage it is :class:`VelocityObjective`, bit for bit (the step's times, no draws of its own).
 """
 
 from __future__ import annotations
@@ -162,9 +167,76 @@ class FlowMapObjective(Objective):
         return 0.5 * (loss_fm + loss_mf), 0.5 * (plain_fm + plain_mf)
 
 
-def make_objective(cfg, source, *, dim: int | None = None, guide=None, main=None):
+class StagewiseObjective(VelocityObjective):
+    """Decomposable Flow Matching's stage-wise regression (the module docstring).
+
+    Args:
+        pyramid: the run's :class:`~mmfm.flow.pyramid.LaplacianPyramid`.
+        times: the stage and time draws (:class:`~mmfm.flow.dfm.DFMTimes`).
+        source: the run's source (each row's component ``(mu_k, sigma_k^2)`` for a GMM, ``dfm_source: bands``).
+        kind: ``dfm_source``: ``bands`` / ``independent`` (the coarse stages' fresh normals are the first tokens of
+            the step's second noise draw) or ``decompose``.
+    """
+
+    def __init__(self, pyramid, times, source, kind: str = "bands"):
+        self.pyramid, self.times, self.source, self.kind = pyramid, times, source, kind
+        self.needs_noise = pyramid.stages > 1 and kind != "decompose"
+
+    def draw(self, n: int, generator: torch.Generator, device) -> dict:
+        if self.pyramid.stages == 1:
+            return {}
+        stage, taus = self.times(n, generator=generator, device=device)
+        return {"stage": stage, "taus": taus}
+
+    def prepare(self, x0, x1, t, modes, step_noise=None, stage=None, taus=None) -> dict:
+        from mmfm.flow.dfm import source_stages
+
+        p = self.pyramid
+        if p.stages == 1:
+            return super().prepare(x0, x1, t, modes)
+        mean = var = normals = None
+        if self.kind != "decompose":
+            if step_noise is None:
+                raise ValueError("step_noise: dfm_source bands / independent needs fresh normals for the coarse stages")
+            normals = [step_noise[:, o:o + n] for o, n in zip(p.offsets[:-1], p.sizes[:-1])]
+            if modes is not None and hasattr(self.source, "means"):
+                mean, var = self.source.component(modes, x1.device)
+        eps = source_stages(self.kind, p, x0, mean=mean, var=var, normals=normals)
+        data = p.decompose(x1)
+        active = torch.arange(p.stages, device=x1.device) <= stage[:, None]
+        xs, us = [], []
+        for s in range(p.stages):
+            tau = taus[:, s].reshape(-1, 1, 1).to(x1.dtype)
+            on = active[:, s].reshape(-1, 1, 1)
+            xs.append(torch.where(on, (1.0 - tau) * eps[s] + tau * data[s], torch.zeros((), dtype=x1.dtype,
+                                                                                            device=x1.device)))
+            us.append(data[s] - eps[s])
+        return {"x": p.pack(xs), "t": taus.to(x1.dtype), "u": p.pack(us), "active": active}
+
+    def loss(self, out: torch.Tensor, batch: dict):
+        from mmfm.flow.dfm import dfm_loss
+
+        if self.pyramid.stages == 1:
+            return super().loss(out, batch)
+        per_row = dfm_loss(out, batch["u"], batch["active"], self.pyramid)
+        return per_row, per_row
+
+
+def make_objective(cfg, source, *, dim: int | None = None, guide=None, main=None, num_tokens: int | None = None):
     """The objective of ``cfg.method`` (a :class:`~mmfm.train.config.TrainConfig`); for DMF, ``dim = N * D``
-    (the proposals' shift) and the guidance networks."""
+    (the proposals' shift) and the guidance networks; for DFM, ``num_tokens`` ``N`` (the pyramid) and ``dim``."""
+    if cfg.method == "dfm":
+        from mmfm.flow.dfm import DFMTimes
+        from mmfm.flow.time import TimeSampler
+
+        pyramid = cfg.dfm_pyramid(num_tokens)
+        shifts = cfg.dfm_stage_shifts(num_tokens, dim // num_tokens)
+        current = [TimeSampler(cfg.time_dist, mu=cfg.time_mu, sigma=cfg.time_sigma, interval=cfg.time_interval,
+                               shift=s) for s in shifts]
+        early = [TimeSampler("logit_normal", mu=cfg.dfm_early_logit_mu, sigma=1.0, interval=cfg.time_interval,
+                             shift=s) for s in shifts]
+        times = DFMTimes(cfg.dfm_weights(), current, early, cfg.dfm_stage_draw)
+        return StagewiseObjective(pyramid, times, source, cfg.dfm_source)
     if cfg.method == "gmflow":
         return GMFlowObjective(source, cfg.gm_trans_ratio, cfg.gm_loss_scale)
     if cfg.method == "dmf":
@@ -179,4 +251,5 @@ def make_objective(cfg, source, *, dim: int | None = None, guide=None, main=None
     return VelocityObjective()
 
 
-__all__ = ["FlowMapObjective", "GMFlowObjective", "Objective", "VelocityObjective", "make_objective"]
+__all__ = ["FlowMapObjective", "GMFlowObjective", "Objective", "StagewiseObjective", "VelocityObjective",
+           "make_objective"]
