@@ -254,7 +254,8 @@ def _sample(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, device=device, grid=args.grid, progress=not args.json,
                          precision=args.network_precision, gm_substeps=args.gm_substeps, gm_order=args.gm_order,
                          gm_guidance_scale=args.gm_guidance_scale, gm_orthogonal=args.gm_orthogonal,
-                         gm_guidance_interval=tuple(args.gm_guidance_interval), gm2_coefs=tuple(args.gm2_coefs))
+                         gm_guidance_interval=tuple(args.gm_guidance_interval), gm2_coefs=tuple(args.gm2_coefs),
+                         dfm_ratio=args.dfm_ratio, dfm_starts=args.dfm_starts)
     if _rank() == 0:
         print(json.dumps(res) if args.json else f"wrote {res['n']} samples to {args.out}")
     return 0
@@ -770,9 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--steps", type=int, default=50)
     smp.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint", "dopri5", "gm-ode", "gm-sde",
-                                                            "flowmap", "flowmap-restart"],
+                                                            "flowmap", "flowmap-restart", "dfm-euler"],
                      help="ODE solver; gm-ode / gm-sde sample a GMFlow export's mixture, flowmap / flowmap-restart "
-                          "a DMF export's flow map (--steps network calls)")
+                          "a DMF export's flow map, dfm-euler a DFM export's stages (--steps network calls)")
     smp.add_argument("--shift", type=float, default=1.0, help="time shift of the grid")
     smp.add_argument("--end", type=float, default=1.0, help="last time of the grid (RAE: 0.999 before shift)")
     smp.add_argument("--guide", default=None, help="autoguidance: the guide network .safetensors")
@@ -794,6 +795,11 @@ def build_parser() -> argparse.ArgumentParser:
     gmg.add_argument("--gm-orthogonal", type=float, default=1.0)
     gmg.add_argument("--gm-guidance-interval", type=float, nargs=2, default=(0.0, 1.0))
     gmg.add_argument("--gm2-coefs", type=float, nargs=2, default=(0.005, 1.0))
+    dfg = smp.add_argument_group("DFM sampler (--method dfm-euler)")
+    dfg.add_argument("--dfm-ratio", type=float, default=4.0,
+                     help="steps per stage in the proportion ratio^(S-1-s), coarse first (4: 40 + 10 of 50)")
+    dfg.add_argument("--dfm-starts", type=float, nargs="+", default=None,
+                     help="S - 1 thresholds: the time stage s reaches before stage s + 1 starts (default 0.9 each)")
     launch_args(smp)
     smp.set_defaults(func=_sample)
 
@@ -880,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none (Gaussian source), class (1000 labels) or mode (GMM source, mode coupling)")
     bt.add_argument("--modes", type=int, default=64, help="GMM modes for --conditioning mode (default: %(default)s)")
     bt.add_argument("--accumulation", type=int, default=1, help="micro-batches per optimizer step")
-    bt.add_argument("--method", default="fm", choices=["fm", "gmflow", "dmf"],
+    bt.add_argument("--method", default="fm", choices=["fm", "gmflow", "dmf", "dfm"],
                     help="gmflow: GMFlow's step; dmf: the DMF fine-tune's step (JVP, and the central difference as "
                          "fd); each with the fm step of the same preset measured beside it")
     bt.add_argument("--json", action="store_true", help="print only the JSON line")

@@ -47,6 +47,8 @@ DEFAULT_METHOD = "fm"
 GM_SAMPLERS = ("gm-ode", "gm-sde")
 #: The samplers of a DMF flow map (the others sample a DMF run by its velocity, the flow map at r = t).
 FLOWMAP_SAMPLERS = ("flowmap", "flowmap-restart")
+#: The sampler of a DFM network's stages (the only one that samples it).
+DFM_SAMPLERS = ("dfm-euler",)
 
 
 class ConfigError(ValueError):
@@ -602,6 +604,16 @@ def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
         raise ConfigError(f"runs.{run}.sample.method: {flowmap[0]} jumps with a DMF flow map; this run has method "
                           f"{method!r} (set method: dmf with train.dmf_init, or sample it with euler / heun / "
                           "midpoint / dopri5)")
+    dfm = [m for m in chosen if m in DFM_SAMPLERS]
+    if dfm and method != "dfm":
+        raise ConfigError(f"runs.{run}.sample.method: {dfm[0]} samples a DFM network's stages; this run has method "
+                          f"{method!r} (set method: dfm, or sample it with euler / heun / midpoint / dopri5)")
+    if method == "dfm":
+        other = [m for m in chosen if m not in DFM_SAMPLERS]
+        if other:
+            raise ConfigError(f"runs.{run}.sample.method: {other[0]} cannot sample a DFM network (it takes the "
+                              "Laplacian stages, one time each); use dfm-euler")
+        _check_dfm(config, run, settings, root)
     if method == "dmf":
         _check_dmf(config, run, settings)
     if method != "gmflow":
@@ -639,6 +651,52 @@ def _check_method(config: dict, run: str, root: str | Path = ".") -> None:
     elif not str(init).endswith(".safetensors"):
         raise ConfigError(f"runs.{run}.train.gm_init: {init!r} is neither a run ({list(runs)}) nor a .safetensors "
                           "export")
+
+
+def dfm_stages(config: dict, run: str) -> int:
+    """The stages of a DFM run's pyramid (``train.dfm_stages``, default 2); 1 for any other run."""
+    if run_method(config, run) != "dfm":
+        return 1
+    return int(train_settings(config, run).get("dfm_stages", 2))
+
+
+def _check_dfm(config: dict, run: str, settings: dict, root: str | Path = ".") -> None:
+    """A DFM run's stages against the tokenizer's grid, its sample thresholds and ratio, and NFEs that give every
+    stage a step (``dfm-euler`` skips the smaller ones of ``eval.nfe``, not the final one)."""
+    stages = settings.get("dfm_stages", 2)
+    if not (isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1):
+        return  # (the typed view names the key)
+    try:
+        from mmfm.plan.geometry import tokenizer_geometry
+
+        grid = tokenizer_geometry(config["encoder"], root).grid
+    except (ImportError, KeyError, ValueError, OSError):
+        grid = None  # the tokenizer's shapes are unknown here: the train job checks
+    if grid is not None:
+        side, most = grid[0], 1
+        while side % 2 == 0 and side > 1:
+            side, most = side // 2, most + 1
+        if grid[0] != grid[1] or stages > most:
+            raise ConfigError(f"runs.{run}.train.dfm_stages: {stages} stages need a square grid with a side divisible "
+                              f"by 2^{stages - 1} = {2 ** (stages - 1)}; the {config['encoder']['name']} tokenizer's "
+                              f"{grid[0]} x {grid[1]} grid allows at most {most if grid[0] == grid[1] else 0}")
+    smp = sample_settings(config, run)
+    starts = smp.get("dfm_starts")
+    if starts is not None:
+        ok = isinstance(starts, list) and len(starts) == stages - 1 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in starts)
+        if not ok:
+            raise ConfigError(f"runs.{run}.sample.dfm_starts: expected {stages - 1} thresholds in (0, 1) (the time "
+                              f"stage s reaches before stage s + 1 starts), got {starts!r}")
+        if any(b < a for a, b in zip(starts, starts[1:])):
+            raise ConfigError(f"runs.{run}.sample.dfm_starts: thresholds out of order {starts}: a finer stage's start "
+                              "must not come before a coarser one's (non-decreasing)")
+    ratio = smp.get("dfm_ratio", 4.0)
+    if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
+        raise ConfigError(f"runs.{run}.sample.dfm_ratio: expected a positive number, got {ratio!r}")
+    if final_nfe(config) < stages:
+        raise ConfigError(f"eval.final_nfe: {final_nfe(config)} network calls cannot give each of the {stages} stages of "
+                          f"the DFM run {run!r} a step; give at least {stages}")
 
 
 def _check_dmf(config: dict, run: str, settings: dict) -> None:
@@ -706,8 +764,9 @@ def sample_sets(config: dict, run: str, *, results: str | None = None,
     ``name``: the run as the paths spell it (``"{run}"`` for a rule's pattern)."""
     results = results_dir(config) if results is None else results
     name = run if name is None else name
+    least = dfm_stages(config, run)  # dfm-euler gives each stage a step: the smaller NFEs are left out
     return [(s, n, f"{results}/samples/{name}/{sampler_dir(config, run, s)}nfe-{n}")
-            for s in samplers(config, run) for n in nfes(config)]
+            for s in samplers(config, run) for n in nfes(config) if s not in DFM_SAMPLERS or n >= least]
 
 
 def nfe_curve_files(config: dict, run: str, *, results: str | None = None,
@@ -726,14 +785,13 @@ def sampler_groups(config: dict) -> dict[str, list[str]]:
     with the shared ``sample.method``, ``"_<samplers>"`` for each other list (``sample_euler_heun``,
     ``evaluate_euler_heun``; hyphens as underscores). Config order; the shared group first."""
     shared = _methods(config.get("sample"))
-    groups: dict[tuple, list[str]] = {tuple(shared): []}
-    for run in run_names(config):
-        groups.setdefault(tuple(samplers(config, run)), []).append(run)
+    groups: dict[tuple, list[str]] = {}
+    for run in run_names(config):  # (samplers, their sets): a DFM run leaves out the NFEs below its stage count
+        sets = tuple((s, n) for s, n, _ in sample_sets(config, run))
+        groups.setdefault((tuple(samplers(config, run)), sets), []).append(run)
     out: dict[str, list[str]] = {}
-    for key, runs in groups.items():
-        if not runs:
-            continue
-        suffix = "" if list(key) == shared else "_" + "_".join(key).replace("-", "_")
+    for (key, _), runs in sorted(groups.items(), key=lambda kv: list(kv[0][0]) != shared):
+        suffix = "" if list(key) == shared and "" not in out else "_" + "_".join(key).replace("-", "_")
         while suffix in out:  # (names of other samplers that join to the same words)
             suffix += "_"
         out[suffix] = runs

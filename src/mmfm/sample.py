@@ -204,8 +204,8 @@ def dfm_starts(source, pyramid: LaplacianPyramid, kind: str, x0: torch.Tensor, m
     if kind == "decompose" or pyramid.stages == 1:
         return source_stages(kind, pyramid, x0)
     coarse = sum(pyramid.sizes[:-1])
-    z = torch.stack([torch.randn(coarse, x0.shape[2], generator=torch.Generator().manual_seed(sample_seed(seed + 2, int(i))))
-                     for i in indices]).to(device)
+    z = torch.stack([torch.randn(coarse, x0.shape[2], generator=torch.Generator().manual_seed(sample_seed(seed + 2, i)))
+                     for i in map(int, indices)]).to(device)
     normals = list(z.split(pyramid.sizes[:-1], dim=1))
     mean = var = None
     if modes is not None and hasattr(source, "means"):
@@ -508,7 +508,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
                batch_size: int = 64, device: str = "cpu", grid: str | os.PathLike | None = None,
                progress: bool = True, precision: str = "fp32", gm_substeps: int | None = None, gm_order: int = 2,
                gm_guidance_scale: float = 0.0, gm_orthogonal: float = 1.0, gm_guidance_interval=(0.0, 1.0),
-               gm2_coefs=(0.005, 1.0)) -> dict:
+               gm2_coefs=(0.005, 1.0), dfm_ratio: float = 4.0, dfm_starts=None) -> dict:
     """The sampling stage: an exported velocity network (``mmfm.models.velocity.load_velocity_model``;
     its metadata gives the conditioning and the latent shape), noise from ``source`` (``"gaussian"`` or
     a GMM ``.safetensors``), autoguidance with ``guide`` at ``guidance_scale`` (a mode-conditional main
@@ -524,6 +524,10 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
     and probabilistic autoguidance by ``guide`` (a velocity or GMFlow export) at ``gm_guidance_scale`` in
     ``[0, 1)`` (0: off) over ``gm_guidance_interval``, with ``gm_orthogonal``; ``guidance_scale`` and
     ``cfg_scale`` apply to the velocity samplers only.
+
+    ``method`` ``dfm-euler`` samples a DFM export (``method: dfm``; only it, and no other sampler does):
+    ``dfm_ratio`` splits the steps over its stages, ``dfm_starts`` are the stage thresholds
+    (:func:`sample_latents`); no guidance.
 
     An export of ``mmfm train`` records its tokenizer and source (:func:`mmfm.train.loop.export_meta`), so the
     model alone suffices: ``tokenizer`` (a loaded one) or ``encoder`` (:func:`tokenizer_spec`'s overrides),
@@ -544,6 +548,13 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
     cond, shape = meta["conditioning"], _model_shape(meta)
     gm_sampler = method in GM_SOLVERS
     flowmap = method in FLOWMAP_SOLVERS
+    dfm_sampler = method in DFM_SOLVERS
+    if dfm_sampler != (meta.get("method") == "dfm"):
+        raise ValueError(f"sample.method: {method} on {model}, a method {meta.get('method', 'fm')!r} export: "
+                         + ("dfm-euler samples a DFM network (method dfm) only; sample this one with euler, heun, "
+                            "midpoint or dopri5" if dfm_sampler else "a DFM network is sampled with dfm-euler"))
+    if dfm_sampler and (guide is not None or cfg_scale != 1.0):
+        raise ValueError("sample.guide: dfm-euler takes no guidance here (no guide, cfg_scale 1)")
     if flowmap and guide is not None and guidance_scale != 1.0:
         raise ValueError(f"guidance_scale: {method} jumps with the flow map alone; DMF bakes autoguidance in at "
                          "training (train.dmf_guidance), so leave guidance_scale at 1 for this sampler")
@@ -572,7 +583,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
                              f"{err}") from None
     check_tokenizer(model, meta, tokenizer, norm)
 
-    gm = None
+    gm = dfm = None
     if gm_sampler:
         from mmfm.models.velocity import load_gm_model
 
@@ -584,6 +595,15 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
             probabilistic = {"guide": gnet, "scale": gm_guidance_scale, "interval": tuple(gm_guidance_interval),
                              "orthogonal": gm_orthogonal}
         gm = {"substeps": gm_substeps, "order": gm_order, "guidance": probabilistic, "gm2_coefs": gm2_coefs}
+    elif dfm_sampler:
+        from mmfm.flow.dfm import check_starts
+        from mmfm.models.velocity import load_dfm_model
+
+        net, _ = load_dfm_model(model, device)
+        velocity = NetworkPrecision(net, precision)
+        stages = int(meta.get("dfm_stages") or 1)
+        dfm = {"stages": stages, "source": meta.get("dfm_source", "bands"), "ratio": dfm_ratio,
+               "starts": None if dfm_starts is None else check_starts(list(dfm_starts), stages)}
     elif flowmap:
         from mmfm.models.velocity import load_flowmap_model
 
@@ -600,7 +620,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
         else (0, 1)
     got = sample_latents(velocity, src, n, seed=seed, conditioning=cond, num_classes=meta["num_classes"],
                          steps=steps, method=method, shift=shift, end=end, batch_size=batch_size, rank=rank,
-                         world_size=world, device=device, progress=progress and rank == 0, gm=gm)
+                         world_size=world, device=device, progress=progress and rank == 0, gm=gm, dfm=dfm)
     images = decode_latents(tokenizer, got.latents, norm, batch_size)
     labels = None if got.labels is None else got.labels.numpy()
     nfe_per_sample = got.nfe / max(1, -(-len(got.index) // batch_size))
@@ -614,6 +634,9 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
         settings.update(gm_substeps=gm_substeps, gm_order=gm_order, gm_guidance_scale=gm_guidance_scale,
                         gm_orthogonal=gm_orthogonal, gm_guidance_interval=list(gm_guidance_interval),
                         gm2_coefs=list(gm2_coefs))
+    if dfm_sampler:
+        settings.update(dfm_ratio=dfm_ratio, dfm_starts=dfm["starts"], dfm_stages=dfm["stages"],
+                        dfm_source=dfm["source"])
     if rank == 0:
         save_npz(out, images, labels, meta=settings)
         if grid is not None:

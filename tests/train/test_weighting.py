@@ -69,7 +69,7 @@ def test_warmup_in_optimizer_steps_from_the_releases_micro_batches():
 RELEASE_ACCUMULATION = {
     "imagenet256-dinov2": {"gmm": 8, "mode-gmm": 32, "guide-gmm": 2, "guide-mode-gmm": 2,
                            "gm-mode-gmm": 32,   # GMFlow on mode-gmm: its batch arithmetic
-                           "dmf-mode-gmm": 32},  # DMF fine-tuned from mode-gmm: the same arithmetic
+                           "dmf-mode-gmm": 32, "dfm-mode-gmm": 32},  # DMF, DFM on mode-gmm: the same
     "imagenet256-siglip2": {"gmm": 4, "mode-gmm": 8, "guide-gmm": 2, "guide-mode-gmm": 2},
     "imagenet256-mae": {"gmm": 4, "mode-gmm": 16, "guide-gmm": 2, "guide-mode-gmm": 2},
 }

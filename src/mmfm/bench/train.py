@@ -196,6 +196,9 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "dmf", "model": preset,
                                      "dmf_derivative": method.removeprefix("dmf-")})
         head = {"dmf_depth": cfg.dmf_depth_of()}
+    if method == "dfm":  # the loop's defaults: 2 stages, [0.9, 0.1], bands
+        cfg = TrainConfig.from_dict({**cfg.to_dict(), "method": "dfm", "model": preset})
+        head = {"dfm_stages": cfg.dfm_stages}
     model = build_ditdh(preset, in_channels=in_channels, num_tokens=num_tokens, conditioning=conditioning,
                         num_classes=labels, class_dropout_prob=0.1 if conditioning == "class" else 0.0,
                         **head).to(device)
@@ -218,8 +221,8 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     if method != "fm":
         from mmfm.train.objective import make_objective
 
-        objective = make_objective(cfg if method.startswith("dmf") else TrainConfig.from_dict({"method": "gmflow"}),
-                                   source, dim=num_tokens * in_channels)
+        objective = make_objective(cfg if method != "gmflow" else TrainConfig.from_dict({"method": "gmflow"}),
+                                   source, dim=num_tokens * in_channels, num_tokens=num_tokens)
     times = TimeSampler("logit_normal", shift=shift_factor(num_tokens * in_channels))
     net = torch.compile(model) if compile else model
     autocast = contextlib.nullcontext
@@ -238,7 +241,7 @@ def _bench_step(preset: str, batch: int, accumulation: int, in_channels: int, nu
     return step, inputs, model
 
 
-METHODS = ("fm", "gmflow", "dmf")
+METHODS = ("fm", "gmflow", "dmf", "dfm")
 
 
 def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup: int = 2, in_channels: int = 768,
@@ -250,7 +253,8 @@ def bench_train(preset: str = "ditdh-s", batch: int = 8, steps: int = 5, warmup:
     on the same preset and batch, the flow-matching step (``fm``: its steps/s, FLOPs and parameters) and the
     ratios ``gmflow / fm`` (``overhead``). ``dmf``: the DMF fine-tune's step with the JVP (the figures) and with
     the central difference (``fd``), each beside ``fm`` (``overhead``, ``fd_overhead``); FLOPs are counted over
-    the objective's whole step (both branches, the tangents, the backward)."""
+    the objective's whole step (both branches, the tangents, the backward). ``dfm``: the DFM step (2 stages: the
+    coarse stage's embedders, time embedder and output layer besides the DiTDH's) beside ``fm``."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     args = (preset, batch, steps, warmup, in_channels, num_tokens, device, compile, seed, conditioning, modes,
@@ -288,7 +292,11 @@ def _bench_train(preset, batch, steps, warmup, in_channels, num_tokens, device, 
     y = {"none": None, "class": inputs["label"], "mode": torch.zeros(batch, dtype=torch.long, device=device)}[
         conditioning]
     y = None if y is None else y[:batch]
-    flops = count_objective_flops(step, inputs, batch) if method.startswith("dmf") else count_flops(model, (x, t, x), y)
+    if method == "dfm":  # the packed stages and a time per stage
+        x = torch.randn(batch, model.pyramid.packed_tokens, in_channels, device=device)
+        t = torch.full((batch, model.dfm_stages), 0.5, device=device)
+    staged = method.startswith("dmf") or method == "dfm"
+    flops = count_objective_flops(step, inputs, batch) if staged else count_flops(model, (x, t, x), y)
     breaks = graph_breaks(model, x, t, y) if compile else None
     at = 0
 

@@ -276,6 +276,6 @@ def load_dfm_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return _load_network(path, device)
 
 
-__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_dfm_model", "load_flowmap_model",
-           "load_gm_model", "load_velocity_model", "network_from_metadata", "network_head", "read_metadata", "recorded_source",
-           "source_fingerprint", "source_record", "tokenizer_record"]
+__all__ = ["TokenMLP", "build_velocity_network", "check_state_dict", "describe_network", "load_dfm_model",
+           "load_flowmap_model", "load_gm_model", "load_velocity_model", "network_from_metadata", "network_head",
+           "read_metadata", "recorded_source", "source_fingerprint", "source_record", "tokenizer_record"]

@@ -268,11 +268,13 @@ def sample_rank_memory(config: dict, run: str, geo: Geometry, num_modes: int, *,
 
     def ode_step(st):  # one step of solve_ode: state and noise float32, the time grid on the device
         grid = torch.empty(nfe + 1, dtype=torch.float32)  # noqa: F841 (held through the step)
-        x = torch.empty(b, geo.num_tokens, geo.token_dim, dtype=torch.float32)
+        pyramid = getattr(st["built"]["main"], "pyramid", None)  # DFM: the packed stages, a time per stage
+        tokens, times = (geo.num_tokens, (b,)) if pyramid is None else (pyramid.packed_tokens, (b, pyramid.stages))
+        x = torch.empty(b, tokens, geo.token_dim, dtype=torch.float32)
         kw = {"y": torch.zeros(b, dtype=torch.long)} if cond != "none" else {}
 
         def v(state):
-            t = torch.full((b,), 0.5, dtype=torch.float32)
+            t = torch.full(times, 0.5, dtype=torch.float32)
             return st["velocity"](state, t, **kw).to(torch.float32)
 
         with torch.no_grad():

@@ -75,7 +75,10 @@ def _network_flops(cfg, labels: int, micro: int, num_tokens: int, token_dim: int
         y = None if cfg.conditioning == "none" else torch.zeros(micro, dtype=torch.long)
         if cfg.method == "dmf":  # both branches, the JVP's tangents (or the difference's passes), the guidance
             return _dmf_flops(cfg, net, x, y)
-        return count_flops(net, (x, torch.empty(micro), x), y)
+        t = torch.empty(micro)
+        if getattr(net, "pyramid", None) is not None:  # DFM: the packed stages, a time per stage
+            x, t = torch.empty(micro, net.pyramid.packed_tokens, token_dim), torch.empty(micro, net.dfm_stages)
+        return count_flops(net, (x, t, x), y)
 
 
 def _dmf_flops(cfg, net, x: torch.Tensor, y) -> int:
@@ -160,7 +163,8 @@ def _trace(settings: dict, *, num_tokens: int, token_dim: int, cls_dim: int, num
         # DMF's training-time guidance: the online network stands in for the guide and the init network (their
         # no-grad passes are traced; their weights, a DiTDH-S guide and a frozen copy for ag-distill, are not)
         stand_in = raw if cfg.method == "dmf" and cfg.dmf_guidance != "none" else None
-        objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=stand_in, main=stand_in)
+        objective = make_objective(cfg, source, dim=num_tokens * token_dim, guide=stand_in, main=stand_in,
+                                   num_tokens=num_tokens)
         step = _TracedStep(model=model, raw=raw, optimizer=optimizer, scheduler=scheduler, ema=ema,
                            coupling=coupling, times=times, path=LinearPath(),
                            generator=torch.Generator().manual_seed(cfg.seed), global_batch=cfg.global_batch,
