@@ -602,7 +602,7 @@ def sample_run(model: str | os.PathLike, out: str | os.PathLike, tokenizer=None,
         net, _ = load_dfm_model(model, device)
         velocity = NetworkPrecision(net, precision)
         stages = int(meta.get("dfm_stages") or 1)
-        dfm = {"stages": stages, "source": meta.get("dfm_source", "bands"), "ratio": dfm_ratio,
+        dfm = {"stages": stages, "source": meta.get("dfm_source", "decompose"), "ratio": dfm_ratio,
                "starts": None if dfm_starts is None else check_starts(list(dfm_starts), stages)}
     elif flowmap:
         from mmfm.models.velocity import load_flowmap_model

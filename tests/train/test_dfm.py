@@ -23,7 +23,7 @@ DFM = dict(method="dfm", model="ditdh-tiny", lr=1e-3)
     (dict(dfm_stage_weights=[1.0]), r"dfm_stage_weights: expected 2 probabilities"),
     (dict(dfm_stages=3), r"dfm_stage_weights: 3 stages need their probabilities"),
     (dict(dfm_source="independent"), "dfm_source: 'independent' is the peer's N"),
-    (dict(dfm_source="white"), r"dfm_source: expected one of \['bands', 'decompose', 'independent'\]"),
+    (dict(dfm_source="white"), r"dfm_source: expected one of \['decompose', 'bands', 'independent'\]"),
     (dict(dfm_stage_draw="step"), r"dfm_stage_draw: expected one of \['batch', 'sample'\]"),
     (dict(model="mlp", conditioning="none"), "model: method 'dfm' needs a DiTDH preset"),
     (dict(model_overrides={"patch_size": 2}), "model_overrides.patch_size: method 'dfm' needs patch size 1"),

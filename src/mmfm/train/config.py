@@ -44,9 +44,9 @@ that names the key. Keys (defaults in brackets):
   ``2^(S-1)``), ``dfm_stage_weights`` [None: ``[0.9, 0.1]`` for 2 stages; required for more] the current stage's
   probabilities, ``dfm_stage_draw`` [``batch``] (one current stage per batch, the peer's) or ``sample``,
   ``dfm_early_logit_mu`` [2.0] (earlier stages' ``logit(tau) ~ N(mu, 1)``: near data), ``dfm_stage_shift``
-  [``"auto"``: ``max(1, sqrt(N_s D / 4096))`` per stage] or a number, and ``dfm_source`` [``bands``] (each stage
-  ``X_s(mu_k) + sigma_k n_s``, independent noise per stage), ``decompose`` (the pyramid of the source sample) or
-  ``independent`` (the peer's N(0, I) per stage; Gaussian source only, where it equals ``bands``);
+  [``"auto"``: ``max(1, sqrt(N_s D / 4096))`` per stage] or a number, and ``dfm_source`` [``decompose``] (the
+  pyramid of the source sample), ``bands`` (each stage ``X_s(mu_k) + sigma_k n_s``, independent noise per stage)
+  or ``independent`` (the peer's N(0, I) per stage; Gaussian source only, where it equals ``bands``);
 - ``seed`` [0], ``checkpoint_every`` [1000], ``keep_last`` [2], ``log_every`` [10],
   ``precision`` [``fp32``] or ``bf16`` (autocast on CUDA only), ``source_precision`` [``fp32``], ``fp16`` or
   ``bf16`` (how the spatial GMM means are held on the device; samples are drawn in fp32), ``compile`` [False],
@@ -149,7 +149,7 @@ class TrainConfig:
     dfm_stage_draw: str = "batch"
     dfm_early_logit_mu: float = 2.0
     dfm_stage_shift: float | str = "auto"
-    dfm_source: str = "bands"
+    dfm_source: str = "decompose"
     seed: int = 0
     checkpoint_every: int = 1000
     keep_last: int = 2

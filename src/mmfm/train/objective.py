@@ -178,7 +178,7 @@ class StagewiseObjective(VelocityObjective):
             the step's second noise draw) or ``decompose``.
     """
 
-    def __init__(self, pyramid, times, source, kind: str = "bands"):
+    def __init__(self, pyramid, times, source, kind: str = "decompose"):
         self.pyramid, self.times, self.source, self.kind = pyramid, times, source, kind
         self.needs_noise = pyramid.stages > 1 and kind != "decompose"
 
