@@ -179,10 +179,11 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
                 gen = torch.Generator(device=device).manual_seed(sample_seed(seed + 1, int(idx[0])))
                 res = solve_flowmap(velocity, x0.to(device), grid, mode=FLOWMAP_MODES[method], cond=kw,
                                     source=source, modes=None if k is None else k.to(device), generator=gen)
-            elif method in DFM_SOLVERS:
-                res = solve_dfm(lambda x, t: velocity(x, t, **kw),
-                                dfm_starts(source, pyramid, dfm["source"], x0, k, idx, seed, device), schedule,
-                                pyramid)
+            elif method in DFM_SOLVERS:  # (one stage: the DiTDH itself, on one time per row)
+                call = (lambda x, t: velocity(x, t[:, 0], **kw)) if pyramid.stages == 1 else \
+                    (lambda x, t: velocity(x, t, **kw))
+                res = solve_dfm(call, stage_starts(source, pyramid, dfm["source"], x0, k, idx, seed, device),
+                                schedule, pyramid)
             else:
                 res = solve_ode(lambda x, t: velocity(x, t, **kw), x0.to(device), grid, method)
         out.append(res.x.float().cpu())
@@ -195,8 +196,8 @@ def sample_latents(velocity, source, n: int, *, seed: int = 0, conditioning: str
     return SampleSet(mine, cat(out) if out else torch.zeros(0, *source.event_shape), cat(ks), cat(ys), nfe)
 
 
-def dfm_starts(source, pyramid: LaplacianPyramid, kind: str, x0: torch.Tensor, modes, indices, seed: int,
-               device) -> list[torch.Tensor]:
+def stage_starts(source, pyramid: LaplacianPyramid, kind: str, x0: torch.Tensor, modes, indices, seed: int,
+                 device) -> list[torch.Tensor]:
     """The source's stages of a batch (:func:`mmfm.flow.dfm.source_stages`) on ``device``: its full-resolution
     draw ``x0``, each row's mode component, and the coarse stages' normals of sample ``i`` from its own generator
     (``(seed + 2, i)``)."""
@@ -204,8 +205,8 @@ def dfm_starts(source, pyramid: LaplacianPyramid, kind: str, x0: torch.Tensor, m
     if kind == "decompose" or pyramid.stages == 1:
         return source_stages(kind, pyramid, x0)
     coarse = sum(pyramid.sizes[:-1])
-    z = torch.stack([torch.randn(coarse, x0.shape[2], generator=torch.Generator().manual_seed(sample_seed(seed + 2, i)))
-                     for i in map(int, indices)]).to(device)
+    gens = [torch.Generator().manual_seed(sample_seed(seed + 2, i)) for i in map(int, indices)]
+    z = torch.stack([torch.randn(coarse, x0.shape[2], generator=g) for g in gens]).to(device)
     normals = list(z.split(pyramid.sizes[:-1], dim=1))
     mean = var = None
     if modes is not None and hasattr(source, "means"):

@@ -61,6 +61,20 @@ def test_one_stage_is_flow_matching_to_the_bit(toy, tmp_path):
     assert_identical(a, b)
 
 
+def test_one_stage_samples_as_euler(toy, tmp_path):
+    """``dfm-euler`` on a one-stage network is Euler on the linear grid (``shift = 1``): the same samples."""
+    root, _ = toy
+    one = train(config(root, "mode", steps=3, dfm_stages=1, **DFM), root / "shards", tmp_path / "dfm",
+                progress=False, device="cpu")
+    net, _ = load_dfm_model(one["ema"])
+    src = load_source(root / "spatial.safetensors")
+    a = sample_latents(net, src, 16, seed=2, conditioning="mode", steps=6, method="dfm-euler", batch_size=8,
+                       dfm={"stages": 1, "source": "decompose"})
+    b = sample_latents(net, src, 16, seed=2, conditioning="mode", steps=6, method="euler", batch_size=8)
+    assert a.nfe == b.nfe == 12 and torch.equal(a.modes, b.modes)
+    torch.testing.assert_close(a.latents, b.latents, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("source", ["bands", "decompose"])
 def test_trains_resumes_and_samples(toy, tmp_path, source):
     root, _ = toy
