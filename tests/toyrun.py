@@ -121,6 +121,19 @@ def assert_close_weights(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def train_cut_and_resume(cfg: dict, root, tmp_path, cut_at: int = 5) -> dict:
+    """Train ``cfg`` on the toy into ``tmp_path / "ref"``, and into ``tmp_path / "cut"`` stopped after ``cut_at`` steps
+    then resumed; the resumed weights must be the uninterrupted run's, bit for bit. Returns the reference run."""
+    from mmfm.train.loop import train
+
+    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False, device="cpu")
+    part = train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=cut_at, device="cpu")
+    assert not part["done"]
+    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False, device="cpu")
+    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    return ref
+
+
 def metric_steps(out):
     with open(out / "metrics.csv", newline="") as f:
         return [int(r["step"]) for r in csv.DictReader(f)]

@@ -666,37 +666,31 @@ def _check_dfm(config: dict, run: str, settings: dict, root: str | Path = ".") -
     stages = settings.get("dfm_stages", 2)
     if not (isinstance(stages, int) and not isinstance(stages, bool) and stages >= 1):
         return  # (the typed view names the key)
-    try:
-        from mmfm.plan.geometry import tokenizer_geometry
-
-        grid = tokenizer_geometry(config["encoder"], root).grid
-    except (ImportError, KeyError, ValueError, OSError):
-        grid = None  # the tokenizer's shapes are unknown here: the train job checks
-    if grid is not None:
-        side, most = grid[0], 1
-        while side % 2 == 0 and side > 1:
-            side, most = side // 2, most + 1
-        if grid[0] != grid[1] or stages > most:
-            raise ConfigError(f"runs.{run}.train.dfm_stages: {stages} stages need a square grid with a side divisible "
-                              f"by 2^{stages - 1} = {2 ** (stages - 1)}; the {config['encoder']['name']} tokenizer's "
-                              f"{grid[0]} x {grid[1]} grid allows at most {most if grid[0] == grid[1] else 0}")
     smp = sample_settings(config, run)
-    starts = smp.get("dfm_starts")
-    if starts is not None:
-        ok = isinstance(starts, list) and len(starts) == stages - 1 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in starts)
-        if not ok:
-            raise ConfigError(f"runs.{run}.sample.dfm_starts: expected {stages - 1} thresholds in (0, 1) (the time "
-                              f"stage s reaches before stage s + 1 starts), got {starts!r}")
-        if any(b < a for a, b in zip(starts, starts[1:])):
-            raise ConfigError(f"runs.{run}.sample.dfm_starts: thresholds out of order {starts}: a finer stage's start "
-                              "must not come before a coarser one's (non-decreasing)")
     ratio = smp.get("dfm_ratio", 4.0)
     if not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and ratio > 0):
         raise ConfigError(f"runs.{run}.sample.dfm_ratio: expected a positive number, got {ratio!r}")
     if final_nfe(config) < stages:
         raise ConfigError(f"eval.final_nfe: {final_nfe(config)} network calls cannot give each of the {stages} stages of "
                           f"the DFM run {run!r} a step; give at least {stages}")
+    try:
+        from mmfm.flow.dfm import check_starts
+        from mmfm.flow.pyramid import LaplacianPyramid
+        from mmfm.plan.geometry import tokenizer_geometry
+
+        grid = tokenizer_geometry(config["encoder"], root).grid
+    except (ImportError, KeyError, ValueError, OSError):
+        return  # no torch, or the tokenizer's shapes are unknown here: the train and sample jobs check
+    most = LaplacianPyramid.max_stages(grid[0]) if grid[0] == grid[1] else 0
+    if stages > most:
+        raise ConfigError(f"runs.{run}.train.dfm_stages: {stages} stages need a square grid with a side divisible "
+                          f"by 2^{stages - 1} = {2 ** (stages - 1)}; the {config['encoder']['name']} tokenizer's "
+                          f"{grid[0]} x {grid[1]} grid allows at most {most}")
+    if smp.get("dfm_starts") is not None:
+        try:
+            check_starts(smp["dfm_starts"], stages)
+        except ValueError as err:
+            raise ConfigError(f"runs.{run}.sample.{err}") from None
 
 
 def _check_dmf(config: dict, run: str, settings: dict) -> None:

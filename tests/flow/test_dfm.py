@@ -136,8 +136,8 @@ def test_sources_keep_each_modes_mean_and_variance_per_stage():
         assert float((bands[s].var(0) / 4.0 - 1).abs().max()) < 0.06  # its variance sigma_k^2, per stage
         assert float((decomposed[s].mean(0) - mu[s][0]).abs().max()) < 4 * 2 / n ** 0.5
     torch.testing.assert_close(p.recompose(decomposed), x0, rtol=0, atol=1e-5)  # tau = 0 gives the sample back
-    # the decomposed coarse stage is the pooled noise: variance sigma_k^2 / 4, smaller than the fine stage's
-    assert abs(float(decomposed[0].var(0).mean()) / 1.0 - 1) < 0.06
+    # the decomposed coarse stage is the pooled noise: variance sigma_k^2 / 4 = 1, smaller than the fine stage's
+    assert abs(float(decomposed[0].var(0).mean()) / (4.0 / 4) - 1) < 0.06
 
 
 def _gaussian_velocity(p, sigma_x):

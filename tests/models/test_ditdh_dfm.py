@@ -39,7 +39,7 @@ def test_stages_add_their_own_modules_and_outputs():
         two(torch.randn(3, 16, 6), t)
     with pytest.raises(ValueError, match="t: expected"):
         two(x, torch.rand(3))
-    # the coarse output is its layer's on the 4 x 4 grid, averaged over each 2 x 2 block: constant blocks stay
+    # the coarse stage's output is made by its own output layer only
     out[:, :4].sum().backward()
     assert two.final_layer.linear.weight.grad.abs().max() == 0  # the fine layer did not make the coarse output
     two.zero_grad()

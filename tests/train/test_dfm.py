@@ -5,7 +5,7 @@ source, the export records what ``dfm-euler`` needs, and the sampler's NFE and p
 import pytest
 import torch
 
-from toyrun import assert_identical, config, metric_steps, weights
+from toyrun import assert_identical, config, metric_steps, train_cut_and_resume, weights
 
 from mmfm.gmm.files import load_source
 from mmfm.models.velocity import load_dfm_model, load_velocity_model, read_metadata
@@ -80,11 +80,7 @@ def test_trains_resumes_and_samples(toy, tmp_path, source):
     root, _ = toy
     cfg = config(root, "mode", steps=8, checkpoint_every=4, dfm_source=source, dfm_stage_weights=[0.5, 0.5],
                  dfm_stage_draw="sample", eval_every=4, eval_samples=16, eval_steps=3, **DFM)
-    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False, device="cpu")
-    part = train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=5, device="cpu")
-    assert not part["done"]
-    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False, device="cpu")
-    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    ref = train_cut_and_resume(cfg, root, tmp_path)
     assert metric_steps(tmp_path / "cut") == list(range(1, 9))
     w = weights(ref["checkpoint"])
     assert float(w["model.dfm_final_layers.0.linear.weight"].abs().max()) > 0  # the coarse stage's head learned

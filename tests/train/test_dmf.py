@@ -6,7 +6,7 @@ and the flow-map samplers through ``sample_latents`` (``flowmap`` of a non-DMF e
 import pytest
 import torch
 
-from toyrun import (assert_close_weights, assert_identical, config, metric_steps, one_batch_shard,
+from toyrun import (assert_close_weights, config, metric_steps, one_batch_shard, train_cut_and_resume,
                     train_two_gloo_ranks, weights)
 
 from mmfm.gmm.files import load_source
@@ -80,11 +80,7 @@ def test_fine_tunes_and_resumes_bit_identically(toy, tmp_path, derivative):
     fm = _fm_run(root, tmp_path)
     cfg = config(root, "mode", steps=8, checkpoint_every=4, dmf_init=str(fm["ema"]), dmf_derivative=derivative,
                  **DMF)
-    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False, device="cpu")
-    part = train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=5, device="cpu")
-    assert not part["done"]
-    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False, device="cpu")
-    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    ref = train_cut_and_resume(cfg, root, tmp_path)
     assert metric_steps(tmp_path / "cut") == list(range(1, 9))
     assert all(torch.isfinite(torch.tensor(ref["losses"])))
     # fine-tuning moved the log-variance head and the weights away from the init

@@ -6,7 +6,7 @@
 import pytest
 import torch
 
-from toyrun import (assert_close_weights, assert_identical, config, metric_steps, one_batch_shard,
+from toyrun import (assert_close_weights, config, metric_steps, one_batch_shard, train_cut_and_resume,
                     train_two_gloo_ranks, weights)
 
 from mmfm.gmm.files import load_source
@@ -49,11 +49,7 @@ def test_gm_groups_default_and_check():
 def test_trains_exports_and_resumes_bit_identically(toy, tmp_path, setting, ratio):
     root, _ = toy
     cfg = config(root, setting, steps=12, checkpoint_every=4, gm_trans_ratio=ratio, **GM)
-    ref = train(cfg, root / "shards", tmp_path / "ref", progress=False, device="cpu")
-    part = train(cfg, root / "shards", tmp_path / "cut", progress=False, max_steps=5, device="cpu")
-    assert not part["done"]
-    rest = train(cfg, root / "shards", tmp_path / "cut", progress=False, device="cpu")
-    assert_identical(weights(ref["checkpoint"]), weights(rest["checkpoint"]))
+    ref = train_cut_and_resume(cfg, root, tmp_path)
     assert metric_steps(tmp_path / "cut") == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(ref["losses"])))
     meta = read_metadata(ref["ema"])

@@ -198,9 +198,9 @@ def solve_dfm(velocity, start: list[torch.Tensor], schedule: torch.Tensor, pyram
     x = [s.float().clone() for s in start]
     b, device = x[0].shape[0], x[0].device
     sched = schedule.to(device=device, dtype=torch.float32)
-    for k in range(schedule.shape[0] - 1):
+    moves = (schedule.diff(dim=0) > 0).tolist()  # from the host copy: no device read per step
+    for k, moving in enumerate(moves):
         dt = sched[k + 1] - sched[k]
-        moving = (dt > 0).tolist()
         inputs = pyramid.pack([xs if on else torch.zeros_like(xs) for xs, on in zip(x, moving)])
         v = pyramid.unpack(velocity(inputs, sched[k].expand(b, -1), **cond).float())
         x = [xs + dt[s] * v[s] if moving[s] else xs for s, xs in enumerate(x)]

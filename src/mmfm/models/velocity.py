@@ -270,8 +270,9 @@ def load_dfm_model(path: str | os.PathLike, device: str | torch.device = "cpu") 
 
     Raises ``ValueError`` naming the file for any other export (sample that with an ODE solver)."""
     path = Path(path)
-    if read_metadata(path).get("method") != "dfm":
-        raise ValueError(f"{path}: not a DFM network (a method {read_metadata(path).get('method', 'fm')!r} export); "
+    method = read_metadata(path).get("method", "fm")
+    if method != "dfm":
+        raise ValueError(f"{path}: not a DFM network (a method {method!r} export); "
                          "dfm-euler samples a run of method dfm; sample this one with euler, heun, midpoint or dopri5")
     return _load_network(path, device)
 

@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import torch
 
+from mmfm.flow.dfm import DFMTimes, dfm_loss, source_stages
 from mmfm.flow.loss import forward_transition, gm_nll_loss, gm_transition_loss, transition_times, velocity_loss
 from mmfm.flow.path import LinearPath
+from mmfm.flow.time import TimeSampler
 
 
 class Objective:
@@ -189,8 +191,6 @@ class StagewiseObjective(VelocityObjective):
         return {"stage": stage, "taus": taus}
 
     def prepare(self, x0, x1, t, modes, step_noise=None, stage=None, taus=None) -> dict:
-        from mmfm.flow.dfm import source_stages
-
         p = self.pyramid
         if p.stages == 1:
             return super().prepare(x0, x1, t, modes)
@@ -214,8 +214,6 @@ class StagewiseObjective(VelocityObjective):
         return {"x": p.pack(xs), "t": taus.to(x1.dtype), "u": p.pack(us), "active": active}
 
     def loss(self, out: torch.Tensor, batch: dict):
-        from mmfm.flow.dfm import dfm_loss
-
         if self.pyramid.stages == 1:
             return super().loss(out, batch)
         per_row = dfm_loss(out, batch["u"], batch["active"], self.pyramid)
@@ -226,9 +224,6 @@ def make_objective(cfg, source, *, dim: int | None = None, guide=None, main=None
     """The objective of ``cfg.method`` (a :class:`~mmfm.train.config.TrainConfig`); for DMF, ``dim = N * D``
     (the proposals' shift) and the guidance networks; for DFM, ``num_tokens`` ``N`` (the pyramid) and ``dim``."""
     if cfg.method == "dfm":
-        from mmfm.flow.dfm import DFMTimes
-        from mmfm.flow.time import TimeSampler
-
         pyramid = cfg.dfm_pyramid(num_tokens)
         shifts = cfg.dfm_stage_shifts(num_tokens, dim // num_tokens)
         current = [TimeSampler(cfg.time_dist, mu=cfg.time_mu, sigma=cfg.time_sigma, interval=cfg.time_interval,
